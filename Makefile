@@ -1,0 +1,51 @@
+# fastvpd — two set-up commands: `make demo` and `make test`. Everything else is a helper target.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastvpd-installed
+APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup sysdeps demo test test-fast lint format gpu-suite clean
+
+setup: $(STAMP)
+
+# System libraries FFCV compiles against (apt when root; otherwise say what is missing).
+sysdeps:
+	@if pkg-config --exists opencv4 2>/dev/null && [ -f /usr/include/turbojpeg.h ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "[setup] installing system packages: $(APT_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
+	else echo "[setup] FFCV needs system packages: sudo apt-get install $(APT_PKGS)  (continuing without the ffcv extra)"; fi
+
+# Re-runs only when pyproject.toml changes; a no-op (< 1 s) otherwise.
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory sysdeps
+	@[ -x $(VPY) ] || $(PY) -m venv $(VENV)
+	@$(VPY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	@echo "[setup] installing fastvpd and its extras into $(VENV) (first time: a few minutes)"
+	@set -o pipefail; if pkg-config --exists opencv4 2>/dev/null; then EXTRAS='[ffcv,dali,dev]'; else EXTRAS='[dali,dev]'; fi; \
+	  $(VPY) -m pip install -q -e ".$$EXTRAS" 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@touch $(STAMP)
+	@echo "[setup] done: $$($(VPY) -c 'import torch,torchvision;print("torch",torch.__version__,"torchvision",torchvision.__version__)')"
+
+demo: setup
+	$(VPY) -m fastvpd.demo --out $(DEMO_DIR)
+
+test: setup
+	$(VPY) -m pytest -q -m "not cuda" tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+gpu-suite:
+	bash benchmarks/gpu_suite.sh
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,311 @@
+"""Typed configuration: dataclasses + YAML recipes (configs/) + dotted CLI overrides.
+
+OmegaConf structured configs give type checking and unknown-key rejection for free; this module only
+turns their exceptions into one-line errors (exit code 2) and adds the cross-field checks.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config or on the command line: printed as one line, exit code 2."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/digits_converted"  # output folder of data_tools/convert.py (holds manifest.json)
+    backend: str = "cache"  # cache | ffcv | dali | torchvision
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    workers: int = 0  # host worker threads/processes for ffcv/dali/torchvision; 0 = all cores
+    verify: str = "fast"  # manifest check before training: fast (sizes + header hashes) | full | off
+    pin_host_cache: bool = True  # cache backend: pinned host memory when the cache does not fit on the GPU
+
+
+@dataclass
+class AugConfig:
+    recipe: str = "moco_v2"  # moco_v2 | supervised
+    res: int = 224
+    min_scale: float = -1.0  # -1: the recipe's default (0.2 for moco_v2, 0.08 for supervised)
+    autoaugment: bool = False  # ImageNet AutoAugment policy (supervised recipe)
+    eval_res: int = -1  # -1: same as res; eval resizes to eval_res/0.875 then centre-crops
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # resnet18 | resnet50 | resnext101_32x8d (torchvision names)
+    small_stem: bool = False  # 3x3 stride-1 stem, no max-pool: for 32-px data
+    init: str = "moco"  # distill: moco | random ; linear: moco
+    channels_last: bool = True
+
+
+@dataclass
+class MocoConfig:
+    dim: int = 128
+    mlp_hidden: int = 2048  # 2048-2048-128 head for ResNet-50; 0 = linear head
+    queue_size: int = 4096
+    momentum: float = 0.999
+    temperature: float = 0.2
+    margin: float = 0.4  # authors' code; 0 gives plain MoCo v2
+    bn_splits: int = 8  # single-device shuffle-BN emulation; 1 disables
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.03  # for a batch of `lr_batch`; scaled linearly with the global batch
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | step
+    step_every: int = 30  # step schedule: x step_gamma every step_every epochs
+    step_gamma: float = 0.1
+    milestones: list[int] = field(default_factory=list)  # explicit step epochs (overrides step_every)
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    batch_size: int = 256  # global batch (split across ranks)
+    seed: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+    amp: str = "bf16"  # bf16 | fp16 | none (autocast only on GPU; CPU runs fp32 unless amp=bf16_cpu)
+    cuda_graph: bool = True  # capture the whole step on GPU; eager elsewhere
+    compile: bool = False
+    deterministic: bool = False
+    resume: str = "auto"  # auto | never | <path to a checkpoint>
+    out_dir: str = "runs/pretrain"
+    max_steps: int = -1  # stop after this many steps in total (benchmarks/tests); -1 = whole run
+    on_nonfinite: str = "stop"  # stop | skip
+
+
+@dataclass
+class LogConfig:
+    every: int = 20  # steps between host reads of the device meters
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CkptConfig:
+    every: int = 10  # epochs
+    keep: int = 2  # newest periodic checkpoints kept (plus last/best)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # distill/linear: validation every N epochs
+    knn_every: int = 10  # pretrain: kNN monitor every N epochs (0 = off)
+    knn_k: int = 200
+    knn_t: float = 0.1
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""  # pretraining checkpoint (or exported backbone) for teacher and student init
+    kind: str = "ofd"  # ofd | l2 | none
+    lam: float = 1e-4
+    start_epoch: int = 5
+    teacher_bn: str = "train"  # train (authors' code) | eval
+    stage_weights: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class PretrainRun:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _distill_defaults() -> tuple[AugConfig, OptimConfig, TrainConfig]:
+    return (
+        AugConfig(recipe="supervised"),
+        OptimConfig(lr=0.1, nesterov=True, schedule="step", step_every=30),
+        TrainConfig(epochs=100, out_dir="runs/distill"),
+    )
+
+
+@dataclass
+class DistillRun:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=lambda: _distill_defaults()[0])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: _distill_defaults()[1])
+    train: TrainConfig = field(default_factory=lambda: _distill_defaults()[2])
+    log: LogConfig = field(default_factory=LogConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class LinearRun:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=lambda: AugConfig(recipe="supervised"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=30.0, weight_decay=0.0, schedule="step", milestones=[60, 80])
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, out_dir="runs/linear"))
+    log: LogConfig = field(default_factory=LogConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(kind="none"))
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.backend": ("cache", "ffcv", "dali", "torchvision"),
+    "data.verify": ("fast", "full", "off"),
+    "aug.recipe": ("moco_v2", "supervised"),
+    "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d"),
+    "model.init": ("moco", "random"),
+    "optim.schedule": ("cosine", "step"),
+    "train.device": ("auto", "cuda", "cpu"),
+    "train.amp": ("bf16", "fp16", "none"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "distill.kind": ("ofd", "l2", "none"),
+    "distill.teacher_bn": ("train", "eval"),
+}
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        name = f"{prefix}{k}"
+        keys.extend(_valid_keys(v, name + ".") if isinstance(v, DictConfig) else [name])
+    return keys
+
+
+def _select(cfg: Any, key: str) -> Any:
+    return OmegaConf.select(cfg, key)
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field checks OmegaConf cannot express; raise ConfigError naming the key and the fix."""
+    for key, choices in CHOICES.items():
+        val = _select(cfg, key)
+        if val is not None and val not in choices:
+            raise ConfigError(f"{key}={val!r} is not one of {', '.join(choices)}")
+    positive = ["train.batch_size", "train.epochs", "log.every", "aug.res"]
+    for key in positive:
+        if _select(cfg, key) is not None and _select(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0 (got {_select(cfg, key)})")
+    if _select(cfg, "optim.lr") is not None and cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0 (got {cfg.optim.lr})")
+    if "moco" in cfg:
+        m = cfg.moco
+        if not 0.0 <= m.momentum < 1.0:
+            raise ConfigError(f"moco.momentum must be in [0, 1) (got {m.momentum})")
+        if m.temperature <= 0:
+            raise ConfigError(f"moco.temperature must be > 0 (got {m.temperature})")
+        if m.queue_size < cfg.train.batch_size:
+            raise ConfigError(
+                f"moco.queue_size={m.queue_size} is smaller than train.batch_size={cfg.train.batch_size}: "
+                "raise moco.queue_size or lower train.batch_size"
+            )
+        if m.bn_splits < 1 or cfg.train.batch_size % m.bn_splits:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} must be divisible by moco.bn_splits={m.bn_splits}"
+            )
+    if "distill" in cfg and len(cfg.distill.stage_weights) != 4:
+        raise ConfigError("distill.stage_weights needs 4 values (one per ResNet stage)")
+
+
+def load(schema: type, argv: list[str] | None = None) -> Any:
+    """Build a config from the schema, an optional `--config FILE.yaml` and `key=value` overrides.
+
+    Raises ConfigError (one line) on unknown keys, wrong types or invalid values.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = OmegaConf.structured(schema)
+    yaml_path = None
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML file path")
+            yaml_path, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            yaml_path = a.split("=", 1)[1]
+        elif "=" in a and not a.startswith("-"):
+            overrides.append(a)
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: use --config FILE.yaml and section.key=value overrides")
+        i += 1
+    try:
+        if yaml_path is not None:
+            if not Path(yaml_path).is_file():
+                raise ConfigError(f"config file not found: {yaml_path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(yaml_path))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except ConfigError:
+        raise
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e).splitlines()[0]
+        valid = ", ".join(_valid_keys(OmegaConf.structured(schema)))
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}") from None
+    except ValidationError as e:
+        raise ConfigError(f"bad value for {getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    except Exception as e:  # YAML syntax errors and the like
+        raise ConfigError(f"could not read the config: {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config beside the run (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(schema: type, d: dict) -> Any:
+    return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(d))
+
+
+def main_guard(fn):  # type: ignore[no-untyped-def]
+    """Decorator for entry points: user mistakes (ConfigError, UserError) print one line and exit 2."""
+
+    def wrapped(*a, **kw):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, UserError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    wrapped.__name__ = getattr(fn, "__name__", "main")
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+class UserError(RuntimeError):
+    """A mistake in the user's data or files (missing path, mismatched manifest, wrong checkpoint)."""
