@@ -1,0 +1,235 @@
+"""`make demo`: the whole paper, end to end, on the embedded digits data (CPU in minutes).
+
+Steps: make the digits tree → convert (all formats) → MoCo v2 + margin pretraining (no labels) →
+self-distillation → the two baselines from the same code (supervised from scratch, MoCo + plain fine-tuning)
+→ evaluation on the test split → results table (Markdown + JSON) and a PNG chart in the run folder.
+
+`--seeds 0,1,2` repeats the whole thing per seed and reports mean ± std; `--readme README.md` writes that table
+between the `<!-- demo-results -->` markers, so the README's numbers always come from a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from fastvpd.config import UserError, main_guard
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MARK_BEGIN, MARK_END = "<!-- demo-results:begin -->", "<!-- demo-results:end -->"
+
+
+@dataclass
+class MethodResult:
+    method: str
+    top1: float
+    top5: float
+    seconds: float
+
+
+def _banner(msg: str) -> None:
+    print(f"\n=== {msg} ===", flush=True)
+
+
+def _config(name: str) -> str:
+    path = CONFIGS / name
+    if not path.is_file():
+        raise UserError(f"missing demo config {path}")
+    return str(path)
+
+
+def _last_ckpt(run_dir: Path) -> Path:
+    for name in ("last.pt", "best.pt"):
+        p = Path(run_dir) / "checkpoints" / name
+        if p.is_file():
+            return p
+    raise UserError(f"no checkpoint found in {run_dir}/checkpoints")
+
+
+def run_seed(out: Path, seed: int, data_root: Path, extra: list[str]) -> tuple[list[MethodResult], Path]:
+    """One full pass of the paper's pipeline and its baselines for one seed."""
+    from fastvpd import distill, evaluate, pretrain
+
+    out.mkdir(parents=True, exist_ok=True)
+    common = [f"data.root={data_root}", f"train.seed={seed}", "train.resume=auto"] + extra
+    results: list[MethodResult] = []
+
+    _banner(f"[seed {seed}] 1/4 MoCo v2 + margin pretraining (train split, labels unused)")
+    t0 = time.perf_counter()
+    pre_dir = Path(
+        pretrain.main(
+            ["--config", _config("demo_digits_pretrain.yaml"), f"train.out_dir={out / 'pretrain'}", *common]
+        )
+    )
+    t_pre = time.perf_counter() - t0
+    teacher = _last_ckpt(pre_dir)
+
+    runs = [
+        (
+            "MoCo+margin → OFD self-distillation (paper)",
+            ["model.init=moco", "distill.kind=ofd"],
+            "distill",
+            True,
+        ),
+        ("MoCo+margin → plain fine-tuning", ["model.init=moco", "distill.kind=none"], "finetune", True),
+        ("supervised from scratch", ["model.init=random", "distill.kind=none"], "scratch", False),
+    ]
+    for i, (label, over, name, uses_pretrain) in enumerate(runs, start=2):
+        _banner(f"[seed {seed}] {i}/4 {label}")
+        t0 = time.perf_counter()
+        run_dir = Path(
+            distill.main(
+                [
+                    "--config",
+                    _config("demo_digits_distill.yaml"),
+                    f"train.out_dir={out / name}",
+                    f"distill.teacher={teacher}",
+                    *over,
+                    *common,
+                ]
+            )
+        )
+        seconds = time.perf_counter() - t0 + (t_pre if uses_pretrain else 0.0)
+        res = evaluate.main(
+            [
+                str(_last_ckpt(run_dir)),
+                "--data",
+                str(data_root),
+                "--split",
+                "test",
+                "--out",
+                str(run_dir / "test"),
+            ]
+        )
+        results.append(MethodResult(label, float(res["top1"]), float(res["top5"]), seconds))
+    return results, pre_dir
+
+
+def _table(rows: dict[str, list[MethodResult]], machine: str) -> str:
+    n = len(next(iter(rows.values())))
+    head = f"Digits demo, test split, {n} seed(s), mean ± std; wall time includes pretraining where used. {machine}"
+    lines = [head, "", "| method | top-1 (%) | top-5 (%) | wall time (s) |", "|---|---|---|---|"]
+    for method, rs in rows.items():
+
+        def ms(vals: list[float], fmt: str = ".1f") -> str:
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            return f"{statistics.mean(vals):{fmt}} ± {sd:{fmt}}"
+
+        lines.append(
+            f"| {method} | {ms([r.top1 for r in rs])} | {ms([r.top5 for r in rs])} | {ms([r.seconds for r in rs], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _chart(rows: dict[str, list[MethodResult]], pretrain_dirs: list[Path], path: Path) -> None:
+    """Bar chart of top-1 per method plus the pretraining loss and kNN curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = list(rows)
+    means = [statistics.mean(r.top1 for r in rows[m]) for m in names]
+    sds = [statistics.stdev([r.top1 for r in rows[m]]) if len(rows[m]) > 1 else 0.0 for m in names]
+    axes[0].barh(range(len(names)), means, xerr=sds, color=["#2a7", "#59c", "#c75"][: len(names)])
+    axes[0].set_yticks(range(len(names)), [n.replace(" → ", "\n→ ") for n in names], fontsize=8)
+    axes[0].set_xlabel("test top-1 (%)")
+    axes[0].set_title("accuracy per method")
+    for d in pretrain_dirs:
+        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        tr = [r for r in recs if "loss" in r and "step" in r]
+        kn = [r for r in recs if "knn_top1" in r]
+        if tr:
+            axes[1].plot([r["step"] for r in tr], [r["loss"] for r in tr], alpha=0.8)
+        if kn:
+            axes[2].plot([r["epoch"] for r in kn], [r["knn_top1"] for r in kn], marker="o", alpha=0.8)
+    axes[1].set_title("pretraining loss (margin InfoNCE)")
+    axes[1].set_xlabel("step")
+    axes[2].set_title("kNN monitor, val top-1 (%)")
+    axes[2].set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_readme(readme: Path, table: str, chart_rel: str | None) -> None:
+    text = readme.read_text()
+    if MARK_BEGIN not in text or MARK_END not in text:
+        raise UserError(f"{readme} has no {MARK_BEGIN} ... {MARK_END} block to fill")
+    block = table + (f"\n\n![demo results]({chart_rel})" if chart_rel else "")
+    a, rest = text.split(MARK_BEGIN, 1)
+    _, b = rest.split(MARK_END, 1)
+    readme.write_text(f"{a}{MARK_BEGIN}\n{block}\n{MARK_END}{b}")
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(prog="python -m fastvpd.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    ap.add_argument("--readme", default=None, help="write the results table into this README's demo block")
+    ap.add_argument(
+        "overrides", nargs="*", help="extra key=value overrides for every run (e.g. train.device=cpu)"
+    )
+    args = ap.parse_args(argv)
+    from data_tools.convert import convert
+    from data_tools.make_digits import make_digits
+
+    out = Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    src, conv = out / "data" / "digits", out / "data" / "converted"
+    t0 = time.perf_counter()
+    _banner("0/4 embedded data: scikit-learn digits → ImageFolder → ffcv, dali, cache")
+    if not (src / "train").is_dir():
+        make_digits(src, seed=0)
+    convert(src, conv, formats=("ffcv", "dali", "cache"), workers=None, progress=True)
+
+    rows: dict[str, list[MethodResult]] = {}
+    pre_dirs = []
+    for seed in seeds:
+        res, pre_dir = run_seed(out / f"seed{seed}", seed, conv, list(args.overrides))
+        pre_dirs.append(pre_dir)
+        for r in res:
+            rows.setdefault(r.method, []).append(r)
+
+    machine = f"Machine: {platform.processor() or platform.machine()}, {_cpu_desc()}, run {date.today().isoformat()}."
+    table = _table(rows, machine)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(
+        json.dumps({m: [r.__dict__ for r in rs] for m, rs in rows.items()} | {"machine": machine}, indent=2)
+    )
+    _chart(rows, pre_dirs, out / "results.png")
+    if args.readme:
+        readme = Path(args.readme)
+        chart = out / "results.png"
+        try:
+            rel = str(chart.resolve().relative_to(readme.resolve().parent))
+        except ValueError:
+            rel = None
+        update_readme(readme, table, rel)
+    _banner(f"done in {time.perf_counter() - t0:.0f} s")
+    print(table)
+    print(f"\nresults: {out / 'results.md'}  ·  {out / 'results.json'}  ·  chart: {out / 'results.png'}")
+    return out
+
+
+def _cpu_desc() -> str:
+    import os
+
+    import torch
+
+    dev = (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores, no GPU"
+    )
+    return f"{dev}, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()
