@@ -1,0 +1,234 @@
+"""Backbones, heads and feature taps.
+
+- `build_backbone`: a torchvision ResNet/ResNeXt (random init, nothing downloaded) with `fc = Identity`
+  and a `feat_dim` attribute; optional small stem (3×3 stride-1 conv, no max-pool) for 32-px images.
+- `FeatureTaps`: the four pre-ReLU stage outputs that OFD distils (the last block's residual sum before
+  its ReLU) plus the pooled feature, bit-identical to the plain backbone's output.
+- `SplitBatchNorm` / `convert_split_bn`: MoCo's single-device emulation of shuffle-BN.
+- `backbone_state_for_torchvision`: export a backbone as a state dict for `torchvision.models.<arch>()`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from fastvpd.config import ConfigError
+
+__all__ = [
+    "ARCHS",
+    "build_backbone",
+    "MLPHead",
+    "FeatureTaps",
+    "stage_bn",
+    "stage_channels",
+    "SplitBatchNorm",
+    "convert_split_bn",
+    "to_channels_last",
+    "backbone_state_for_torchvision",
+]
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d")
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def build_backbone(arch: str, small_stem: bool = False) -> ResNet:
+    """A randomly initialised torchvision `arch` with `fc = Identity` (forward gives pooled features).
+
+    small_stem: replace the 7×7/2 conv + max-pool by a 3×3/1 conv and no pooling, as MoCo's CIFAR
+    recipe does, so 32-px inputs keep a 4×4 map at the last stage.
+    """
+    if arch not in ARCHS:
+        raise ConfigError(f"model.arch={arch!r} is not one of {', '.join(ARCHS)}")
+    net: ResNet = getattr(torchvision.models, arch)(weights=None)
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+        net.maxpool = nn.Identity()
+    net.feat_dim = net.fc.in_features  # type: ignore[assignment]
+    net.fc = nn.Identity()
+    return net
+
+
+class MLPHead(nn.Module):
+    """MoCo v2 projection head: Linear-ReLU-Linear (hidden=0: a single Linear, as MoCo v1)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        if hidden > 0:
+            self.net: nn.Module = nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+            )
+        else:
+            self.net = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _last_block_pre_relu(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision Bottleneck/BasicBlock forward without the final ReLU (the residual sum itself)."""
+    identity = x if block.downsample is None else block.downsample(x)
+    if isinstance(block, Bottleneck):
+        out = block.relu(block.bn1(block.conv1(x)))
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    elif isinstance(block, BasicBlock):
+        out = block.relu(block.bn1(block.conv1(x)))
+        out = block.bn2(block.conv2(out))
+    else:
+        raise TypeError(f"FeatureTaps supports torchvision BasicBlock/Bottleneck, not {type(block).__name__}")
+    out += identity
+    return out
+
+
+class FeatureTaps(nn.Module):
+    """Run a `build_backbone` network and also return its four pre-ReLU stage outputs.
+
+    forward(x) -> (feats, pooled): feats[i] is stage i's last block's residual sum before its ReLU (as OFD's
+    `extract_feature(preReLU=True)`); the next stage consumes relu(feats[i]), so `pooled` is bit-identical
+    to `backbone(x)`. Holds the backbone (no copy); its parameters are the backbone's.
+    """
+
+    def __init__(self, backbone: ResNet) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        net = self.backbone
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        feats: list[Tensor] = []
+        for name in STAGES:
+            blocks = list(getattr(net, name).children())
+            for block in blocks[:-1]:
+                x = block(x)
+            pre = _last_block_pre_relu(blocks[-1], x)  # pre: NxC_ixH_ixW_i, may be negative
+            feats.append(pre)
+            x = F.relu(pre)  # not in place: `pre` is returned
+        pooled = net.fc(torch.flatten(net.avgpool(x), 1))
+        return feats, pooled
+
+
+def stage_bn(backbone: ResNet) -> list[nn.BatchNorm2d]:
+    """The BN right before each stage's final ReLU: bn3 (Bottleneck) or bn2 (BasicBlock) of its last block."""
+    out = []
+    for name in STAGES:
+        last = list(getattr(backbone, name).children())[-1]
+        out.append(last.bn3 if isinstance(last, Bottleneck) else last.bn2)
+    return out
+
+
+def stage_channels(backbone: ResNet) -> list[int]:
+    """Channels of the four stage outputs (e.g. 256/512/1024/2048 for ResNet-50)."""
+    return [bn.num_features for bn in stage_bn(backbone)]
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """MoCo's split-BN (its CIFAR colab): emulates per-GPU BN statistics (shuffle-BN) on one device.
+
+    Training: the batch is normalised in `num_splits` groups, each with its own mean/variance; as in MoCo's
+    `input.view(-1, C * num_splits, H, W)`, sample n belongs to group n % num_splits. The running statistics
+    are updated with the average over groups of what each group's BN would have written (per-group unbiased
+    variance), exactly MoCo's `running_*_split.view(S, C).mean(0)`. Eval: plain BN.
+
+    The statistics are computed directly (in fp32) on a 5-d view instead of reshaping to S·C channels, so
+    channels-last inputs stay channels-last without a layout copy.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kw: object) -> None:
+        super().__init__(num_features, **kw)  # type: ignore[arg-type]
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1 (got {num_splits})")
+        if self.momentum is None:
+            raise ValueError("SplitBatchNorm needs a float momentum (cumulative averaging is not supported)")
+        self.num_splits = num_splits
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"SplitBatchNorm: batch {n} is not divisible by num_splits={s}")
+        xs = x.view(n // s, s, c, h, w)  # sample a*S + b -> group b (MoCo's grouping)
+        xf = xs.float()
+        var, mean = torch.var_mean(xf, dim=(0, 3, 4), correction=0, keepdim=True)  # var, mean: 1xSxCx1x1
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.float().view(1, 1, c, 1, 1)
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.float().view(1, 1, c, 1, 1)
+        y = (xf * scale + shift).to(x.dtype).reshape(n, c, h, w)
+        if self.track_running_stats and self.running_mean is not None:
+            count = (n // s) * h * w
+            with torch.no_grad():
+                unbiased = var.view(s, c) * (count / max(count - 1, 1))
+                self.running_mean.lerp_(mean.view(s, c).mean(0).to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), self.momentum)
+                self.num_batches_tracked.add_(1)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d in `module` (in place) by a SplitBatchNorm with the same weights and buffers.
+
+    num_splits == 1 leaves the module untouched. Returns the module (the root itself if it is a BN).
+    """
+    if num_splits <= 1:
+        return module
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SplitBatchNorm):
+        new = SplitBatchNorm(
+            module.num_features,
+            num_splits,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        ).to(device=module.weight.device if module.weight is not None else None)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_split_bn(child, num_splits))
+    return module
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Convert 4-d parameters/buffers to channels-last (the layout cuDNN's fast bf16 convs want)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def backbone_state_for_torchvision(backbone: nn.Module, num_classes: int | None = None) -> dict[str, Tensor]:
+    """A CPU state dict of `backbone` with torchvision's key names.
+
+    SplitBatchNorm keeps BatchNorm2d's keys, so split-BN maps back to plain BN unchanged; `module.` (DDP) and
+    `_orig_mod.` (torch.compile) prefixes are stripped. The backbone has no fc: load with
+    `torchvision.models.<arch>().load_state_dict(sd, strict=False)` (only `fc.weight`/`fc.bias` missing), or
+    pass `num_classes` to add a freshly initialised fc (nn.Linear's default init) so `strict=True` works.
+    A small-stem backbone has a 3×3 conv1: load it into `build_backbone(arch, small_stem=True)` instead.
+    """
+    out: dict[str, Tensor] = {}
+    for key, val in backbone.state_dict().items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.startswith("fc."):
+            continue
+        out[key] = val.detach().to("cpu", copy=True).contiguous()
+    if num_classes is not None:
+        inner = backbone
+        while isinstance(getattr(inner, "module", None), nn.Module) or hasattr(inner, "_orig_mod"):
+            inner = getattr(inner, "module", None) or inner._orig_mod  # type: ignore[assignment]
+        fc = nn.Linear(stage_channels(inner)[-1], num_classes)  # type: ignore[arg-type]
+        out["fc.weight"], out["fc.bias"] = fc.weight.detach().clone(), fc.bias.detach().clone()
+    return out

@@ -1,0 +1,196 @@
+"""Backbones, feature taps, split-BN and export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from fastvpd.config import ConfigError
+from fastvpd.models import (
+    FeatureTaps,
+    MLPHead,
+    SplitBatchNorm,
+    backbone_state_for_torchvision,
+    build_backbone,
+    convert_split_bn,
+    stage_bn,
+    stage_channels,
+    to_channels_last,
+)
+
+
+@pytest.mark.parametrize(("arch", "dim"), [("resnet18", 512), ("resnet50", 2048)])
+def test_build_backbone_outputs_pooled_features(arch: str, dim: int) -> None:
+    net = build_backbone(arch).eval()
+    assert net.feat_dim == dim and isinstance(net.fc, nn.Identity)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_small_stem_keeps_resolution_and_unknown_arch_is_a_config_error() -> None:
+    net = build_backbone("resnet18", small_stem=True).eval()
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, nn.Identity)
+    feats, _ = FeatureTaps(net)(torch.randn(1, 3, 32, 32))
+    assert feats[-1].shape[-2:] == (4, 4)
+    with pytest.raises(ConfigError, match="model.arch"):
+        build_backbone("vgg16")
+
+
+def test_mlp_head_shapes() -> None:
+    head = MLPHead(8, 16, 4)
+    assert [type(m) for m in head.net] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert isinstance(MLPHead(8, 0, 4).net, nn.Linear)
+    assert head(torch.randn(3, 8)).shape == (3, 4)
+
+
+@pytest.mark.parametrize(("arch", "train"), [("resnet18", False), ("resnet18", True), ("resnet50", True)])
+def test_feature_taps_bit_identical_and_pre_relu(arch: str, train: bool) -> None:
+    torch.manual_seed(0)
+    net = build_backbone(arch, small_stem=True)
+    net.train(train)
+    for m in net.modules():  # non-trivial BN affine so stage outputs are not all post-ReLU-like
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.2)
+            nn.init.normal_(m.bias, 0.0, 0.2)
+            m.momentum = 0.0  # two forwards below must see the same running stats in eval
+    x = torch.randn(4, 3, 8, 8)
+    stage_out: list[torch.Tensor] = []
+    hooks = [
+        getattr(net, n).register_forward_hook(lambda m, i, o: stage_out.append(o))
+        for n in ("layer1", "layer2", "layer3", "layer4")
+    ]
+    plain = net(x)
+    for h in hooks:
+        h.remove()
+    feats, pooled = FeatureTaps(net)(x)
+    assert torch.equal(pooled, plain)
+    assert [f.shape[1] for f in feats] == stage_channels(net)
+    for f, o in zip(feats, stage_out):
+        assert torch.equal(F.relu(f), o)
+        assert (f < 0).any()  # pre-ReLU: negative responses are kept
+
+
+def test_stage_bn_and_channels() -> None:
+    r50, r18 = build_backbone("resnet50"), build_backbone("resnet18")
+    assert stage_bn(r50)[0] is r50.layer1[-1].bn3 and stage_bn(r50)[3] is r50.layer4[-1].bn3
+    assert stage_bn(r18)[2] is r18.layer3[-1].bn2
+    assert stage_channels(r50) == [256, 512, 1024, 2048]
+    assert stage_channels(r18) == [64, 128, 256, 512]
+
+
+def _moco_colab_split_bn(x: torch.Tensor, bn: nn.BatchNorm2d, s: int) -> torch.Tensor:
+    """MoCo colab's SplitBatchNorm.forward (training branch), verbatim maths, on a copy of bn's buffers."""
+    n, c, h, w = x.shape
+    rm, rv = bn.running_mean.repeat(s), bn.running_var.repeat(s)
+    out = F.batch_norm(
+        x.contiguous().view(-1, c * s, h, w),
+        rm,
+        rv,
+        bn.weight.repeat(s),
+        bn.bias.repeat(s),
+        True,
+        bn.momentum,
+        bn.eps,
+    ).view(n, c, h, w)
+    bn.running_mean.copy_(rm.view(s, c).mean(0))
+    bn.running_var.copy_(rv.view(s, c).mean(0))
+    return out
+
+
+def test_split_bn_matches_moco_colab_and_per_group_batchnorm() -> None:
+    torch.manual_seed(0)
+    s, c = 4, 3
+    split = SplitBatchNorm(c, s)
+    nn.init.normal_(split.weight, 1.0, 0.3)
+    nn.init.normal_(split.bias, 0.0, 0.3)
+    ref_bn = nn.BatchNorm2d(c)
+    ref_bn.load_state_dict(split.state_dict(), strict=False)
+    x = (torch.randn(8, c, 5, 5) * 2 + 1).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    for _ in range(2):  # two steps: running stats compound correctly
+        y = split(x)
+        with torch.no_grad():
+            y_ref = _moco_colab_split_bn(x_ref, ref_bn, s)
+        assert torch.allclose(y, y_ref, atol=1e-5)
+        assert torch.allclose(split.running_mean, ref_bn.running_mean, atol=1e-6)
+        assert torch.allclose(split.running_var, ref_bn.running_var, atol=1e-6)
+    # Group b = samples b, b+S, ...: each normalised with its own statistics (by hand).
+    for b in range(s):
+        xb = x.detach()[b::s]
+        mean = xb.mean(dim=(0, 2, 3), keepdim=True)
+        var = xb.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        want = (xb - mean) / torch.sqrt(var + split.eps) * split.weight.view(1, c, 1, 1) + split.bias.view(
+            1, c, 1, 1
+        )
+        assert torch.allclose(y.detach()[b::s], want.detach(), atol=1e-5)
+    # Gradients equal the MoCo colab version's.
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x_ref.grad = None
+    w = split.weight.detach().clone().requires_grad_()
+    b_ = split.bias.detach().clone().requires_grad_()
+    y2 = F.batch_norm(
+        x_ref.view(-1, c * s, 5, 5), None, None, w.repeat(s), b_.repeat(s), True, 0.1, split.eps
+    )
+    (y2.view_as(x_ref) * g).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    assert torch.allclose(split.weight.grad, w.grad, atol=1e-4)
+    assert split.num_batches_tracked.item() == 2
+
+
+def test_split_bn_channels_last_eval_and_conversion() -> None:
+    torch.manual_seed(1)
+    net = build_backbone("resnet18", small_stem=True)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.running_mean, 0, 0.1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    convert_split_bn(net, 2)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, SplitBatchNorm) and m.num_splits == 2 for m in bns)
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    x = torch.randn(4, 3, 8, 8)
+    split = SplitBatchNorm(8, 2).train()
+    xc = torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last)
+    y = split(xc)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y, SplitBatchNorm(8, 2)(xc.contiguous()), atol=1e-6)
+    net.eval()
+    plain = build_backbone("resnet18", small_stem=True).eval()
+    plain.load_state_dict(before)
+    assert torch.allclose(net(x), plain(x), atol=1e-6)  # eval = plain BN
+    assert convert_split_bn(plain, 1) is plain and not any(
+        isinstance(m, SplitBatchNorm) for m in plain.modules()
+    )
+    with pytest.raises(ValueError, match="divisible"):
+        SplitBatchNorm(8, 3)(torch.randn(4, 8, 2, 2))
+
+
+def test_to_channels_last() -> None:
+    net = to_channels_last(build_backbone("resnet18"))
+    assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_export_loads_into_torchvision() -> None:
+    torch.manual_seed(2)
+    net = convert_split_bn(build_backbone("resnet18"), 2)
+    net.train()
+    net(torch.randn(4, 3, 32, 32))  # move the running stats off their init
+    net.eval()
+    sd = backbone_state_for_torchvision(net)
+    tv = torchvision.models.resnet18()
+    missing, unexpected = tv.load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    tv.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(tv.eval()(x), net(x), atol=1e-6)
+    sd10 = backbone_state_for_torchvision(net, num_classes=10)
+    torchvision.models.resnet18(num_classes=10).load_state_dict(sd10, strict=True)
+    prefixed = {f"module.{k}": v for k, v in net.state_dict().items()}
+    holder = nn.Module()
+    holder.state_dict = lambda: prefixed  # type: ignore[method-assign]  # DDP / compile prefixes are stripped
+    assert set(backbone_state_for_torchvision(holder)) == set(sd)
