@@ -1,0 +1,162 @@
+"""One augmentation spec, rendered by every loader backend.
+
+The recipes (MoCo v2 two-view, supervised, eval) are defined here once as frozen dataclasses; the cache,
+ffcv, dali and torchvision backends only *render* them, so a recipe cannot drift between backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+EVAL_CROP_FRACTION = 0.875
+
+
+@dataclass(frozen=True)
+class RandomResizedCrop:
+    """torchvision RandomResizedCrop: area fraction in `scale`, log-uniform aspect ratio in `ratio`."""
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+
+
+@dataclass(frozen=True)
+class ResizeCenterCrop:
+    """Eval: short side to `resize`, centre-crop `size` (ten_crop: 4 corners + centre, and flips)."""
+
+    size: int
+    resize: int
+    ten_crop: bool = False
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """torchvision ColorJitter (per-sample factors and op order), applied with probability p."""
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    p: float = 0.8
+
+
+@dataclass(frozen=True)
+class GaussianBlur:
+    """Gaussian blur with sigma ~ U(sigma), odd kernel of ~`kernel_frac` of the side, applied with prob p."""
+
+    sigma: tuple[float, float] = (0.1, 2.0)
+    p: float = 0.5
+    kernel_frac: float = 0.1
+
+    def kernel_size(self, res: int) -> int:
+        """Odd kernel size, as in SimCLR/torchvision recipes: int(frac*res), bumped to odd, at least 3."""
+        k = max(3, int(self.kernel_frac * res))
+        return k if k % 2 == 1 else k + 1
+
+
+@dataclass(frozen=True)
+class Normalize:
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view. Order (MoCo v2): crop -> [autoaugment] -> jitter -> grayscale -> blur -> flip -> normalise.
+
+    Flip commutes with the point-wise colour ops and with the symmetric blur, so backends may fuse it into
+    the crop resampling without changing the distribution (or even the pixels).
+    """
+
+    crop: RandomResizedCrop | ResizeCenterCrop
+    hflip_p: float = 0.0
+    jitter: ColorJitter | None = None
+    grayscale_p: float = 0.0
+    blur: GaussianBlur | None = None
+    autoaugment: bool = False
+    normalize: Normalize = field(default_factory=Normalize)
+
+    @property
+    def res(self) -> int:
+        return self.crop.size
+
+    @property
+    def random(self) -> bool:
+        return isinstance(self.crop, RandomResizedCrop)
+
+
+@dataclass(frozen=True)
+class AugSpec:
+    """A recipe: `views` are drawn independently from the same image (MoCo v2: two identical ViewSpecs)."""
+
+    name: str
+    views: tuple[ViewSpec, ...]
+
+    @property
+    def res(self) -> int:
+        return self.views[0].res
+
+    @property
+    def train(self) -> bool:
+        return any(v.random for v in self.views)
+
+    @property
+    def num_outputs(self) -> int:
+        """Tensors per batch: one per view, ten for a ten-crop eval view."""
+        return sum(10 if isinstance(v.crop, ResizeCenterCrop) and v.crop.ten_crop else 1 for v in self.views)
+
+
+def moco_v2(res: int = 224, min_scale: float = 0.2) -> AugSpec:
+    """MoCo v2 (Chen et al. 2020): two independent views of the 'aug_plus' pipeline."""
+    view = ViewSpec(
+        crop=RandomResizedCrop(res, (min_scale, 1.0)),
+        hflip_p=0.5,
+        jitter=ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
+        grayscale_p=0.2,
+        blur=GaussianBlur((0.1, 2.0), p=0.5),
+    )
+    return AugSpec("moco_v2", (view, view))
+
+
+def supervised(res: int = 224, min_scale: float = 0.08, autoaugment: bool = False) -> AugSpec:
+    """Standard ImageNet training view: RandomResizedCrop + flip (+ AutoAugment ImageNet policy)."""
+    view = ViewSpec(crop=RandomResizedCrop(res, (min_scale, 1.0)), hflip_p=0.5, autoaugment=autoaugment)
+    return AugSpec("supervised", (view,))
+
+
+def eval_spec(res: int = 224, ten_crop: bool = False) -> AugSpec:
+    """Deterministic eval: short side to round(res/0.875), centre crop `res` (or ten crops)."""
+    view = ViewSpec(crop=ResizeCenterCrop(res, round(res / EVAL_CROP_FRACTION), ten_crop))
+    return AugSpec("eval_ten_crop" if ten_crop else "eval", (view,))
+
+
+def from_config(aug_cfg: Any, train: bool, ten_crop: bool = False) -> AugSpec:
+    """Spec from an `AugConfig` (fastvpd.config): the recipe when training, the eval transform otherwise."""
+    if not train:
+        res = aug_cfg.eval_res if aug_cfg.eval_res > 0 else aug_cfg.res
+        return eval_spec(res, ten_crop)
+    if aug_cfg.recipe == "moco_v2":
+        return moco_v2(aug_cfg.res, aug_cfg.min_scale if aug_cfg.min_scale > 0 else 0.2)
+    if aug_cfg.recipe == "supervised":
+        return supervised(
+            aug_cfg.res, aug_cfg.min_scale if aug_cfg.min_scale > 0 else 0.08, aug_cfg.autoaugment
+        )
+    from fastvpd.config import ConfigError
+
+    raise ConfigError(f"aug.recipe={aug_cfg.recipe!r} is not one of moco_v2, supervised")
+
+
+def with_res(spec: AugSpec, res: int) -> AugSpec:
+    """The same recipe at another resolution (benchmarks, progressive resizing)."""
+    views = []
+    for v in spec.views:
+        crop = (
+            replace(v.crop, size=res)
+            if isinstance(v.crop, RandomResizedCrop)
+            else replace(v.crop, size=res, resize=round(res / EVAL_CROP_FRACTION))
+        )
+        views.append(replace(v, crop=crop))
+    return replace(spec, views=tuple(views))

@@ -1,0 +1,169 @@
+"""The `torchvision` backend: the reference MoCo loader (PIL + torchvision.transforms + DataLoader workers).
+
+Reads the source JPEGs listed in OUT/<split>/files.txt under the manifest's source root, so it is the
+baseline every faster backend is compared with. The transforms are built from the same AugSpec.
+Each sample's augmentation is seeded from (seed, epoch, sample index), so batches are reproducible
+regardless of the number of workers and resume at start_step is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from fastvpd.config import UserError
+from fastvpd.data import Batch, LoaderBase, mix_seed
+from fastvpd.data.spec import AugSpec, RandomResizedCrop, ResizeCenterCrop, ViewSpec
+
+
+def view_transform(view: ViewSpec) -> Any:
+    """torchvision.transforms pipeline of one view (MoCo v2 'aug_plus' order)."""
+    ops: list[Any] = []
+    if isinstance(view.crop, RandomResizedCrop):
+        ops.append(T.RandomResizedCrop(view.res, scale=view.crop.scale, ratio=view.crop.ratio))
+    else:
+        ops.append(T.Resize(view.crop.resize))
+    if view.autoaugment:
+        ops.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
+    if view.jitter is not None:
+        j = view.jitter
+        ops.append(T.RandomApply([T.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue)], p=j.p))
+    if view.grayscale_p > 0:
+        ops.append(T.RandomGrayscale(p=view.grayscale_p))
+    if view.blur is not None:
+        ops.append(
+            T.RandomApply([T.GaussianBlur(view.blur.kernel_size(view.res), view.blur.sigma)], p=view.blur.p)
+        )
+    if view.hflip_p > 0:
+        ops.append(T.RandomHorizontalFlip(view.hflip_p))
+    post = [T.ToTensor(), T.Normalize(view.normalize.mean, view.normalize.std)]
+    if isinstance(view.crop, ResizeCenterCrop) and view.crop.ten_crop:
+        ops.append(T.TenCrop(view.res))
+        tail = T.Compose(post)
+        ops.append(T.Lambda(lambda crops: [tail(c) for c in crops]))
+    else:
+        if isinstance(view.crop, ResizeCenterCrop):
+            ops.append(T.CenterCrop(view.res))
+        ops += post
+    return T.Compose(ops)
+
+
+class MultiView:
+    """TwoCropsTransform generalised: each view of the spec drawn independently -> list of tensors."""
+
+    def __init__(self, spec: AugSpec) -> None:
+        self.transforms = [view_transform(v) for v in spec.views]
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for t in self.transforms:
+            r = t(img)
+            out.extend(r if isinstance(r, list) else [r])
+        return out
+
+
+class FileListDataset(Dataset):
+    """(views, label, index) of the files in files.txt, augmentation seeded per (seed, epoch, index)."""
+
+    def __init__(self, root: Path, items: list[tuple[str, int]], transform: MultiView, seed: int) -> None:
+        self.root, self.items, self.transform, self.seed = root, items, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int, int]:
+        rel, label = self.items[i]
+        path = self.root / rel
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except OSError as e:
+            raise UserError(f"cannot read {path} ({e}): the source tree changed since conversion") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, self.epoch, i))
+            views = self.transform(img)
+        return views, label, i
+
+
+def read_files_txt(path: Path) -> list[tuple[str, int]]:
+    items = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rel, label = line.rsplit(" ", 1)
+            items.append((rel, int(label)))
+    return items
+
+
+class _ListSampler(torch.utils.data.Sampler):
+    def __init__(self, owner: LoaderBase) -> None:
+        self.owner = owner
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.owner.order().tolist())
+
+    def __len__(self) -> int:
+        return len(self.owner.order())
+
+
+class TorchvisionLoader(LoaderBase):
+    """DataLoader over the source images with the shared rank sharding (DistributedSampler-like)."""
+
+    def __init__(
+        self,
+        manifest: Any,
+        split: str,
+        spec: AugSpec,
+        batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+        workers: int = 0,
+    ) -> None:
+        src = manifest.src
+        if src is None or not Path(src).is_dir():
+            raise UserError(
+                f"data.backend=torchvision reads the source images, but the manifest's source {src} is not a "
+                "folder: restore it, or use data.backend=cache"
+            )
+        items = read_files_txt(manifest.path(split, "files"))
+        if len(items) != manifest.count(split):
+            raise UserError(
+                f"{manifest.path(split, 'files')} does not match the manifest: re-run the converter"
+            )
+        super().__init__(
+            spec, len(items), manifest.num_classes, batch_size, device, dtype, seed, rank, world_size, train
+        )
+        self.dataset = FileListDataset(Path(src), items, MultiView(spec), seed)
+        self.workers = workers if workers > 0 else max(1, (torch.multiprocessing.cpu_count() or 2) - 1)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.dataset.epoch = self.epoch
+        cuda = self.device.type == "cuda"
+        dl = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=_ListSampler(self),
+            num_workers=self.workers,
+            pin_memory=cuda,
+            drop_last=self.train,
+            persistent_workers=False,
+            prefetch_factor=4 if self.workers > 0 else None,
+        )
+        for views, labels, indices in dl:
+            out = [
+                v.to(self.device, non_blocking=True).to(dtype=self.dtype, memory_format=torch.channels_last)
+                for v in views
+            ]
+            yield Batch(
+                out, labels.to(self.device, non_blocking=True), indices.to(self.device, non_blocking=True)
+            )

@@ -1,0 +1,226 @@
+"""Pixel checks: the batched device ops equal torchvision.transforms.functional on the same images."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from fastvpd.data import gpu_aug as G
+from fastvpd.data.spec import ColorJitter, GaussianBlur, ResizeCenterCrop, ViewSpec, eval_spec, moco_v2
+
+TOL = 2e-5  # float32 rounding: everything below is evaluated at the same precision as torchvision
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Batches here are tiny: one intra-op thread avoids OpenMP contention on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _images(seed: int = 0) -> list[torch.Tensor]:
+    """Smooth-ish random uint8 images of different sizes and aspect ratios (HWC)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(37, 53), (64, 40), (29, 29), (80, 31)]
+    out = []
+    for h, w in sizes:
+        low = torch.rand(3, h // 4 + 2, w // 4 + 2, generator=g)
+        img = torch.nn.functional.interpolate(low[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        img = img + 0.15 * torch.rand(3, h, w, generator=g)
+        out.append((img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous())
+    return out
+
+
+def _store(imgs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    pixels = torch.cat([im.reshape(-1, 3) for im in imgs])
+    sizes = torch.tensor([im.shape[0] * im.shape[1] for im in imgs])
+    offsets = torch.cumsum(sizes, 0) - sizes
+    heights = torch.tensor([im.shape[0] for im in imgs])
+    widths = torch.tensor([im.shape[1] for im in imgs])
+    return pixels, offsets, heights, widths
+
+
+def _float_chw(im: torch.Tensor) -> torch.Tensor:
+    return im.permute(2, 0, 1).float() / 255.0
+
+
+def test_resized_crop_and_flip_match_torchvision() -> None:
+    imgs = _images()
+    pixels, offsets, H, W = _store(imgs)
+    top = torch.tensor([3, 0, 5, 10])
+    left = torch.tensor([7, 2, 0, 1])
+    ch = torch.tensor([20, 64, 11, 60])  # includes up- and down-sampling
+    cw = torch.tensor([30, 38, 24, 20])
+    flip = torch.tensor([False, True, True, False])
+    for res in (16, 24, 57):
+        ys, xs = G.rrc_maps(top, left, ch, cw, res, flip)
+        out = G.resample(pixels, offsets, W, ys, xs)
+        assert out.shape == (4, 3, res, res) and out.is_contiguous(memory_format=torch.channels_last)
+        for i, im in enumerate(imgs):
+            ref = TF.resized_crop(
+                _float_chw(im), int(top[i]), int(left[i]), int(ch[i]), int(cw[i]), [res, res], antialias=False
+            )
+            if flip[i]:
+                ref = TF.hflip(ref)
+            torch.testing.assert_close(out[i], ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_eval_resize_center_crop_matches_torchvision(ten_crop: bool) -> None:
+    imgs = _images(1)
+    pixels, offsets, H, W = _store(imgs)
+    crop = ResizeCenterCrop(size=21, resize=24, ten_crop=ten_crop)
+    boxes = G.resize_center_boxes(H, W, crop)
+    outs = [G.resample(pixels, offsets, W, *G.eval_maps(H, W, box, crop.size)) for box in boxes]
+    for i, im in enumerate(imgs):
+        resized = TF.resize(_float_chw(im), crop.resize, antialias=False)
+        refs = TF.ten_crop(resized, crop.size) if ten_crop else [TF.center_crop(resized, crop.size)]
+        assert len(refs) == len(outs)
+        for o, ref in zip(outs, refs):
+            torch.testing.assert_close(o[i], ref, atol=TOL, rtol=0)
+
+
+def _batch() -> torch.Tensor:
+    imgs = _images(2)
+    return torch.stack([TF.resize(_float_chw(im), [24, 24], antialias=False) for im in imgs])
+
+
+def test_color_ops_match_torchvision() -> None:
+    x = _batch()
+    f = torch.tensor([0.6, 1.0, 1.3, 1.4])
+    hue = torch.tensor([-0.1, 0.05, 0.0, 0.5 - 1e-3])
+    cases = [
+        (G.adjust_brightness, TF.adjust_brightness, f),
+        (G.adjust_contrast, TF.adjust_contrast, f),
+        (G.adjust_saturation, TF.adjust_saturation, f),
+        (G.adjust_hue, TF.adjust_hue, hue),
+    ]
+    for ours, theirs, fac in cases:
+        out = ours(x, fac)
+        for i in range(x.shape[0]):
+            torch.testing.assert_close(out[i], theirs(x[i], float(fac[i])), atol=1e-5, rtol=0)
+    gray = G.rgb_to_gray(x)
+    torch.testing.assert_close(gray, TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
+
+
+def test_color_jitter_order_per_sample_matches_sequential_torchvision() -> None:
+    x = _batch()
+    factors = torch.tensor(
+        [[0.7, 1.2, 0.8, 0.07], [1.3, 0.6, 1.4, -0.09], [1.0, 1.1, 0.9, 0.02], [0.9, 0.9, 0.9, 0.1]]
+    )
+    order = torch.tensor([[3, 0, 2, 1], [0, 1, 2, 3], [2, 3, 1, 0], [1, 0, 3, 2]])
+    on = torch.tensor([True, True, True, False])
+    out = G.color_jitter(x, factors, order, on)
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(x.shape[0]):
+        ref = x[i]
+        if on[i]:
+            for op in order[i].tolist():
+                ref = fns[op](ref, float(factors[i, op]))
+        torch.testing.assert_close(out[i], ref, atol=2e-5, rtol=0)
+
+
+def test_gaussian_blur_and_normalize_match_torchvision() -> None:
+    x = _batch()
+    sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
+    k = GaussianBlur().kernel_size(x.shape[-1])
+    assert k % 2 == 1
+    out = G.gaussian_blur(x, sigma, k)
+    for i in range(x.shape[0]):
+        ref = TF.gaussian_blur(x[i], [k, k], [float(sigma[i])] * 2)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    n = G.normalize(x, mean, std, torch.float32)
+    assert n.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(n, TF.normalize(x, mean.tolist(), std.tolist()), atol=1e-6, rtol=0)
+
+
+def test_photometric_identity_when_nothing_applied() -> None:
+    x = _batch()
+    view = ViewSpec(
+        crop=moco_v2(24).views[0].crop, jitter=ColorJitter(), grayscale_p=0.2, blur=GaussianBlur()
+    )
+    p = G.sample_photometric(view, x.shape[0], torch.Generator().manual_seed(0), x.device)
+    p.jitter_on = torch.zeros(4, dtype=torch.bool)
+    p.gray_on = torch.zeros(4, dtype=torch.bool)
+    p.blur_on = torch.zeros(4, dtype=torch.bool)
+    assert torch.equal(G.photometric(x, view, p), x)
+
+
+def _rrc_draws(n: int, h: int, w: int, scale=(0.2, 1.0), seed: int = 0):
+    from fastvpd.data.spec import RandomResizedCrop
+
+    H = torch.full((n,), h)
+    W = torch.full((n,), w)
+    return G.sample_rrc(H, W, RandomResizedCrop(32, scale), torch.Generator().manual_seed(seed))
+
+
+def test_rrc_sampler_distribution_matches_torchvision() -> None:
+    import torchvision.transforms as T
+
+    n = 4000
+    h, w = 120, 200
+    top, left, ch, cw = _rrc_draws(n, h, w)
+    assert bool((top >= 0).all() and (left >= 0).all() and (top + ch <= h).all() and (left + cw <= w).all())
+    area = (ch * cw).double() / (h * w)
+    assert area.min() >= 0.2 - 0.02 and area.max() <= 1.0
+    ratio = cw.double() / ch.double()
+    assert ratio.min() >= 0.75 - 0.03 and ratio.max() <= 4 / 3 + 0.03
+    torch.manual_seed(0)
+    img = torch.zeros(1, h, w)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+    ref_area = (ref[:, 2] * ref[:, 3]).double() / (h * w)
+    # same distribution: compare quantiles of the area fraction and of the (log) aspect ratio
+    qs = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    assert torch.allclose(area.quantile(qs), ref_area.quantile(qs), atol=0.03)
+    ref_ratio = ref[:, 3].double() / ref[:, 2].double()
+    assert torch.allclose(ratio.log().quantile(qs), ref_ratio.log().quantile(qs), atol=0.04)
+    # crop position is uniform over the valid range: mean relative offset ~ 0.5
+    room = h - ch
+    rel = top[room > 0].double() / room[room > 0].double()
+    assert abs(rel.mean().item() - 0.5) < 0.03
+
+
+def test_rrc_fallback_is_torchvision_centre_crop() -> None:
+    # a 4x100 strip: no candidate can fit the ratio range -> centre crop clipped to ratio 4/3
+    top, left, ch, cw = _rrc_draws(50, 4, 100, scale=(0.9, 1.0))
+    assert (ch == 4).all() and (cw == round(4 * 4 / 3)).all()
+    assert (left == (100 - cw) // 2).all() and (top == 0).all()
+
+
+def test_photometric_probabilities() -> None:
+    view = moco_v2(32).views[0]
+    n = 8000
+    p = G.sample_photometric(view, n, torch.Generator().manual_seed(1), torch.device("cpu"))
+    se = 4 * math.sqrt(0.25 / n)
+    assert abs(p.jitter_on.float().mean().item() - 0.8) < se
+    assert abs(p.gray_on.float().mean().item() - 0.2) < se
+    assert abs(p.blur_on.float().mean().item() - 0.5) < se
+    assert p.sigma.min() >= 0.1 and p.sigma.max() <= 2.0
+    f = p.factors
+    assert f[:, :3].min() >= 0.6 and f[:, :3].max() <= 1.4 and f[:, 3].abs().max() <= 0.1
+    # every op order is a permutation, and each op lands first about 1/4 of the time
+    assert torch.equal(p.order.sort(dim=1).values, torch.arange(4).expand(n, 4))
+    first = torch.bincount(p.order[:, 0], minlength=4).float() / n
+    assert (first - 0.25).abs().max() < 0.03
+
+
+def test_augmenter_flip_rate_and_eval_determinism() -> None:
+    imgs = _images(3)
+    pixels, offsets, H, W = _store(imgs)
+    g = torch.Generator().manual_seed(0)
+    view = moco_v2(16).views[0]
+    n = 4000
+    flips = torch.rand(n, generator=g) < view.hflip_p  # the draw the augmenter uses
+    assert abs(flips.float().mean().item() - 0.5) < 0.03
+    aug = G.PixelAugmenter(
+        eval_spec(16), pixels, offsets, H, W, torch.float32, torch.Generator().manual_seed(0)
+    )
+    a = aug.augment(torch.arange(4))
+    b = aug.augment(torch.arange(4))
+    assert len(a) == 1 and torch.equal(a[0], b[0])

@@ -1,0 +1,200 @@
+"""Every backend yields the loader contract on the converted digits; cache-backend determinism/sharding."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastvpd.config import DataConfig, UserError
+from fastvpd.data import build_loader, eval_spec, measure_loader, moco_v2, shard_indices, supervised
+from fastvpd.data.manifest import Manifest
+
+RES = 16
+BS = 64
+BACKENDS = ["cache", "ffcv", "dali", "torchvision"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Batches here are tiny: one intra-op thread avoids OpenMP contention on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(root: Path, backend: str) -> DataConfig:
+    return DataConfig(root=str(root), backend=backend, workers=2)
+
+
+def _labels(root: Path, split: str) -> np.ndarray:
+    return np.asarray(Manifest.load(root).labels(split))
+
+
+def _check_batch(b, n_views: int, bs: int | None, dtype: torch.dtype, labels: np.ndarray) -> None:
+    assert len(b.views) == n_views
+    for v in b.views:
+        assert v.shape[1:] == (3, RES, RES) and v.dtype == dtype and v.device.type == "cpu"
+        assert v.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(v.float()).all()
+    assert b.labels.dtype == torch.int64 and b.indices.dtype == torch.int64
+    if bs is not None:
+        assert b.labels.shape == (bs,) and b.views[0].shape[0] == bs
+    assert np.array_equal(labels[b.indices.numpy()], b.labels.numpy())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_train_contract(digits_converted: Path, backend: str) -> None:
+    labels = _labels(digits_converted, "train")
+    loader = build_loader(
+        _cfg(digits_converted, backend), moco_v2(RES), "train", BS, "cpu", torch.bfloat16, seed=0
+    )
+    assert loader.num_samples == len(labels) and loader.num_classes == 10
+    assert len(loader) == len(labels) // BS
+    seen = []
+    for b in loader:
+        _check_batch(b, 2, BS, torch.bfloat16, labels)
+        assert not torch.equal(b.views[0], b.views[1])  # two independent views
+        seen.append(b.indices)
+    assert len(seen) == len(loader)
+    allidx = torch.cat(seen)
+    assert len(set(allidx.tolist())) == len(allidx)  # an epoch visits each sample at most once
+    # normalised: roughly zero-centred, unit-scale values
+    assert -2.5 < float(b.views[0].float().mean()) < 1.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_eval_contract(digits_converted: Path, backend: str) -> None:
+    labels = _labels(digits_converted, "val")
+    loader = build_loader(
+        _cfg(digits_converted, backend), eval_spec(RES), "val", BS, "cpu", torch.float32, train=False
+    )
+    batches = list(loader)
+    assert len(batches) == len(loader) == -(-len(labels) // BS)
+    for b in batches:
+        _check_batch(b, 1, None, torch.float32, labels)
+    assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(len(labels)))
+    if backend != "dali":  # DALI reads in stored order too, but rank shards are contiguous
+        assert torch.equal(torch.cat([b.indices for b in batches]), torch.arange(len(labels)))
+
+
+def test_cache_ten_crop_and_supervised(digits_converted: Path) -> None:
+    cfg = _cfg(digits_converted, "cache")
+    tc = build_loader(cfg, eval_spec(RES, ten_crop=True), "val", BS, "cpu", torch.float32, train=False)
+    b = next(iter(tc))
+    assert len(b.views) == 10
+    # the last five crops are mirrored versions of the first five (tr'<->tl, ...): centre crop pair
+    assert torch.allclose(b.views[9].flip(-1), b.views[4], atol=1e-5) or b.views[4].shape[-1] % 2 == 0
+    sup = build_loader(cfg, supervised(RES), "train", BS, "cpu", torch.float32)
+    _check_batch(next(iter(sup)), 1, BS, torch.float32, _labels(digits_converted, "train"))
+
+
+def test_cache_eval_matches_torchvision_backend_geometry(digits_converted: Path) -> None:
+    """Same eval transform rendered by cache (device bilinear) and torchvision (PIL): close on digits."""
+    a = next(
+        iter(build_loader(_cfg(digits_converted, "cache"), eval_spec(RES), "val", BS, "cpu", train=False))
+    )
+    b = next(
+        iter(
+            build_loader(_cfg(digits_converted, "torchvision"), eval_spec(RES), "val", BS, "cpu", train=False)
+        )
+    )
+    assert torch.equal(a.indices, b.indices)
+    # PIL antialiases when downscaling; the mean absolute difference stays a small fraction of the range
+    assert (a.views[0] - b.views[0]).abs().mean() < 0.25
+
+
+def test_cache_determinism_resume_and_state(digits_converted: Path) -> None:
+    cfg = _cfg(digits_converted, "cache")
+
+    def run(seed: int, epoch: int = 0, start: int = 0):
+        ld = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=seed)
+        ld.set_epoch(epoch, start_step=start)
+        return list(ld)
+
+    a, b = run(0), run(0)
+    assert all(
+        torch.equal(x.indices, y.indices) and torch.equal(x.views[1], y.views[1]) for x, y in zip(a, b)
+    )
+    assert not torch.equal(run(1)[0].indices, a[0].indices)
+    assert not torch.equal(run(0, epoch=1)[0].indices, a[0].indices)
+    tail = run(0, start=3)
+    assert len(tail) == len(a) - 3
+    for x, y in zip(tail, a[3:]):
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.views[0], y.views[0])
+    ld = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=0)
+    ld.set_epoch(2, start_step=4)
+    st = ld.state_dict()
+    ld2 = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=0)
+    ld2.load_state_dict(st)
+    assert (ld2.epoch, ld2.start_step) == (2, 4)
+    assert torch.equal(next(iter(ld)).views[0], next(iter(ld2)).views[0])
+
+
+def test_rank_sharding_is_disjoint_and_covers_the_epoch(digits_converted: Path) -> None:
+    n, world = 500, 3
+    parts = [shard_indices(n, 7, 5, r, world, train=True) for r in range(world)]
+    flat = torch.cat(parts)
+    assert len(set(flat.tolist())) == len(flat) == (n // world) * world
+    cfg = _cfg(digits_converted, "cache")
+    loaders = [
+        build_loader(cfg, moco_v2(RES), "train", BS, "cpu", seed=7, rank=r, world_size=world)
+        for r in range(world)
+    ]
+    assert len({len(ld) for ld in loaders}) == 1
+    idx = [torch.cat([b.indices for b in ld]) for ld in loaders]
+    allidx = torch.cat(idx)
+    assert len(set(allidx.tolist())) == len(allidx) == world * len(loaders[0]) * BS
+
+
+def test_cache_host_placement_matches_device(digits_converted: Path) -> None:
+    from fastvpd.data.cache import CacheLoader
+
+    m = Manifest.load(digits_converted)
+    dev = CacheLoader(m, "train", moco_v2(RES), BS, torch.device("cpu"), torch.float32, 3)
+    host = CacheLoader(m, "train", moco_v2(RES), BS, torch.device("cpu"), torch.float32, 3, placement="host")
+    for a, b in itertools.islice(zip(dev, host), 3):
+        assert torch.equal(a.indices, b.indices) and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+    # the pure device function is the loader's rendering of a batch
+    views = dev.augment(torch.arange(4))
+    assert len(views) == 2 and views[0].shape == (4, 3, RES, RES)
+
+
+def test_dali_same_seed_same_batches(digits_converted: Path) -> None:
+    cfg = _cfg(digits_converted, "dali")
+    a = next(iter(build_loader(cfg, moco_v2(RES), "train", BS, "cpu", seed=4)))
+    b = next(iter(build_loader(cfg, moco_v2(RES), "train", BS, "cpu", seed=4)))
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.views[0], b.views[0])
+
+
+def test_measure_loader(digits_converted: Path) -> None:
+    ld = build_loader(_cfg(digits_converted, "cache"), moco_v2(RES), "train", BS, "cpu", seed=0)
+    m = measure_loader(ld, 3, warmup=1)
+    assert m["batches"] == 3 and m["samples_per_s"] > 0 and m["views"] == 2
+
+
+def test_user_errors(digits_converted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UserError, match="manifest.json"):
+        build_loader(_cfg(tmp_path, "cache"), moco_v2(RES), "train", BS, "cpu")
+    with pytest.raises(UserError, match="data.backend"):
+        build_loader(_cfg(digits_converted, "nope"), moco_v2(RES), "train", BS, "cpu")
+    with pytest.raises(UserError, match="batch size"):
+        build_loader(_cfg(digits_converted, "cache"), moco_v2(RES), "train", 10_000, "cpu")
+    for mod, backend, hint in (("ffcv", "ffcv", r"\.\[ffcv\]"), ("nvidia.dali", "dali", r"\.\[dali\]")):
+        with monkeypatch.context() as mp:
+            mp.setitem(sys.modules, mod, None)  # import fails as if the package were not installed
+            with pytest.raises(UserError, match=hint):
+                build_loader(_cfg(digits_converted, backend), moco_v2(RES), "train", BS, "cpu")
+    # a truncated cache file is caught by the manifest check before reading
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_converted, broken)
+    pix = broken / "train" / "cache" / "pixels.npy"
+    pix.write_bytes(pix.read_bytes()[:-10])
+    with pytest.raises(UserError, match="--force"):
+        build_loader(_cfg(broken, "cache"), moco_v2(RES), "train", BS, "cpu")
