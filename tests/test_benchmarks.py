@@ -1,0 +1,212 @@
+"""benchmarks/: the reference formulation equals the package's MoCo step (so the ladder is fair), the report
+writer, the hardware sampler, the projection, and a small end-to-end run of the step ladder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import hw
+from benchmarks import throughput as tp
+from benchmarks.reference_moco import ReferenceMoCo, build_optimizer, reference_step
+from fastvpd.config import OptimConfig
+from fastvpd.moco import MoCo
+from fastvpd.optim import build_sgd
+from fastvpd.step import MOCO_METRICS, DeviceMeters, Precision, moco_step, pin_lr
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: these tiny steps gain nothing from two, and lose a lot on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class _SameShuffleReference(ReferenceMoCo):
+    """The reference with the package's way of drawing the key permutation (argsort of uniform noise),
+    so with the same RNG state both shuffle the keys identically (what split-BN sees)."""
+
+    @torch.no_grad()
+    def _batch_shuffle_single_gpu(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx_shuffle = torch.argsort(torch.rand(x.shape[0], device=x.device))
+        return x[idx_shuffle], torch.argsort(idx_shuffle)
+
+
+@pytest.mark.parametrize("bn_splits", [1, 2])
+def test_reference_equals_package_moco(bn_splits: int) -> None:
+    """fp32, same init, same inputs: same loss, same query/key encoders, same queue and pointer, 2 steps."""
+    torch.manual_seed(0)
+    m, t, margin, lr = 0.5, 0.2, 0.4, 0.05
+    moco = MoCo("resnet18", dim=16, mlp_hidden=32, queue_size=24, momentum=m, temperature=t, margin=margin,
+                bn_splits=bn_splits, small_stem=True).train()  # fmt: skip
+    cls = _SameShuffleReference if bn_splits > 1 else ReferenceMoCo
+    ref = cls.from_moco(moco, m, t, margin).train()
+    oc = OptimConfig()
+    lr_t = torch.tensor(lr)
+    opt = build_sgd(moco.encoder_q.parameters(), oc, lr_t)
+    pin_lr(opt, lr_t)
+    opt_ref = build_optimizer(ref, lr, oc.momentum, oc.weight_decay)
+    prec, meters, crit = (
+        Precision("none", torch.device("cpu")),
+        DeviceMeters(MOCO_METRICS, torch.device("cpu")),
+        nn.CrossEntropyLoss(),
+    )
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):  # 2 x 8 keys into a queue of 24: the second step also checks the pointer moves on
+        v1, v2 = torch.randn(2, 8, 3, 8, 8, generator=g)
+        torch.manual_seed(100 + step)
+        loss = moco_step(moco, opt, prec, meters, v1, v2)["loss"]
+        torch.manual_seed(100 + step)
+        loss_ref = reference_step(ref, opt_ref, crit, v1, v2, meters=False)["loss"]
+        torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=1e-5)
+    # m = 0.5 makes a wrongly ordered momentum update differ by half an SGD update, far above fp32 noise.
+    for enc, enc_ref in ((moco.encoder_q, ref.encoder_q), (moco.encoder_k, ref.encoder_k)):
+        for (n, p), p_ref in zip(enc.named_parameters(), enc_ref.parameters()):
+            torch.testing.assert_close(p, p_ref, rtol=1e-3, atol=1e-4, msg=f"{n} differs")
+        for (n, b), b_ref in zip(enc.named_buffers(), enc_ref.buffers()):
+            torch.testing.assert_close(b, b_ref, rtol=1e-3, atol=1e-4, msg=f"{n} differs")
+    torch.testing.assert_close(moco.queue, ref.queue.t(), rtol=1e-3, atol=1e-4)
+    assert int(moco.queue_ptr) == int(ref.queue_ptr) == 16
+
+
+def test_reference_formulation_is_the_slow_one() -> None:
+    """The reference keeps builder.py's habits: [dim, K] queue, host pointer, python-loop momentum update."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    ref = ReferenceMoCo(enc, dim=4, K=6, m=0.5, T=1.0, margin=0.0)
+    assert ref.queue.shape == (4, 6) and torch.allclose(ref.queue.norm(dim=0), torch.ones(6))
+    with torch.no_grad():
+        for p in ref.encoder_q.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in ref.encoder_k.parameters()]
+    x = torch.randn(3, 3, 2, 2)
+    logits, labels = ref(x, x)
+    assert logits.shape == (3, 7) and labels.eq(0).all() and int(ref.queue_ptr) == 3
+    for p_k, p_q, b in zip(ref.encoder_k.parameters(), ref.encoder_q.parameters(), before):
+        torch.testing.assert_close(p_k, 0.5 * b + 0.5 * p_q)
+
+
+def _results() -> dict:
+    row = {"status": "ok", "ms_per_step": 10.0, "samples_s": 100.0, "speedup": 1.0, "gflops": 3.0}
+    return {
+        "meta": {"device_name": "Test GPU", "torch": "2.x", "cpu_cores": 2, "date": "2026-01-01"},
+        "options": {"arch": "resnet18", "batch": 8},
+        "loaders": {
+            "rows": [
+                {
+                    "name": "torchvision",
+                    "status": "ok",
+                    "samples_s": 50.0,
+                    "speedup": 1.0,
+                    "cpu_util_pct": 99.0,
+                },
+                {"name": "ffcv", "status": "skipped", "reason": "ffcv not installed"},
+                {"name": "cache", "status": "ok", "samples_s": 400.0, "speedup": 8.0, "cpu_util_pct": 40.0},
+            ]
+        },  # fmt: skip
+        "steps": {
+            "rows": [
+                {"name": "reference fp32 NCHW", **row},
+                {"name": "+ CUDA graph", **row, "ms_per_step": 2.5, "samples_s": 400.0, "speedup": 4.0},
+                {"name": "+ torch.compile", "status": "failed", "reason": "RuntimeError: boom"},
+            ],
+            "notes": ["a note"],
+        },  # fmt: skip
+        "e2e": {"status": "skipped", "reason": "fastvpd.pretrain unavailable", "rows": []},
+    }
+
+
+def test_report_writer(tmp_path: Path) -> None:
+    res = _results()
+    res["projection"] = tp.projection(res)
+    paths = tp.write_report(res, tmp_path)
+    assert set(paths) == {"json", "md", "png"}
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    back = json.loads(paths["json"].read_text())
+    assert back["steps"]["rows"][1]["speedup"] == 4.0 and back["meta"]["device_name"] == "Test GPU"
+    md = paths["md"].read_text()
+    assert (
+        "| + CUDA graph | 400.0 |" in md and "ffcv not installed" in md and "failed: RuntimeError: boom" in md
+    )
+    text = tp.render_text(res)
+    assert (
+        "skipped: ffcv not installed" in text and "4.00x" in text and "fastvpd.pretrain unavailable" in text
+    )
+
+
+def test_projection_uses_the_measured_rates() -> None:
+    res = _results()
+    p = tp.projection(res)  # no e2e: min(best step 400, best loader 400) samples/s
+    assert p["pretrain"]["hours"] == pytest.approx(800 * 50_000 / 400.0 / 3600)
+    assert p["total_hours"] is None
+    res["e2e"] = {"rows": [{"name": "cache", "status": "ok", "samples_s": 200.0}]}
+    res["distill"] = {"rows": [{"name": "+ CUDA graph", "status": "ok", "samples_s": 1000.0}]}
+    p = tp.projection(res)
+    assert p["pretrain"]["samples_s"] == 200.0 and p["distill"]["samples_s"] == 400.0  # capped by the loader
+    assert p["total_hours"] == pytest.approx((800 * 50_000 / 200.0 + 100 * 50_000 / 400.0) / 3600)
+    assert tp.projection({})["status"] == "skipped"
+
+
+def test_hw_sampling_on_cpu() -> None:
+    with hw.HwMonitor(torch.device("cpu")) as mon:
+        sum(i * i for i in range(200_000))
+    r = mon.result
+    assert r["gpu"] is None and 0.0 <= r["cpu_util_pct"] <= 100.0 and r["process_cpu_s"] > 0
+    assert len(r["cpu_util_per_core_pct"]) == hw.usable_cores()
+    assert hw.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert (
+        hw.peak_bf16_tflops("NVIDIA H200") == 989.0 and hw.peak_bf16_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    )
+    assert hw.peak_bf16_tflops("Some Future GPU") is None
+    facts = hw.device_facts(torch.device("cpu"))
+    assert facts["cpu_cores"] >= 1 and facts["torch"] == torch.__version__ and hw.device_slug(facts)
+
+
+def test_timing_harness_cpu() -> None:
+    calls = []
+    t = tp.time_steps(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5)
+    assert len(calls) == 7 and t["repeats"] == 5 and t["ms_p10"] <= t["ms_per_step"] <= t["ms_p90"]
+    lin = nn.Linear(64, 32)
+    assert tp.count_flops(lambda: lin(torch.randn(8, 64))) == 2 * 8 * 64 * 32
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        tp.main(["--sections", "steps,nonsense"])
+    assert e.value.code == 2 and "--sections" in capsys.readouterr().err
+
+
+def test_step_ladder_end_to_end_small(tmp_path: Path) -> None:
+    """The steps section end to end on tiny sizes (the full --quick run is the CLI's job)."""
+    argv = ["--quick", "--sections", "steps", "--arch", "resnet18", "--res", "16", "--batch", "8",
+            "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert tp.main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["name"]: r for r in res["steps"]["rows"]}
+    assert rows["reference fp32 NCHW"]["status"] == "ok" and rows["reference fp32 NCHW"]["speedup"] == 1.0
+    pkg = rows["+ fused enqueue/foreach momentum"]
+    assert pkg["status"] == "ok" and pkg["samples_s"] > 0 and pkg["gflops"] > 0
+    assert rows["+ CUDA graph"]["status"] == ("ok" if torch.cuda.is_available() else "skipped")
+    assert res["steps"]["flops_per_step"] > 0
+    assert {r["status"] for r in res["distill"]["rows"]} <= {"ok", "skipped"}
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "chart.png").is_file()
+
+
+@pytest.mark.cuda
+def test_step_ladder_on_gpu(tmp_path: Path) -> None:
+    """Every GPU rung runs (bf16, CUDA graph) and reports MFU and peak memory."""
+    argv = ["--sections", "steps", "--arch", "resnet18", "--res", "64", "--batch", "32", "--warmup", "2",
+            "--repeats", "5", "--out", str(tmp_path)]  # fmt: skip
+    assert tp.main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    for sec in ("steps", "distill"):
+        for r in res[sec]["rows"]:
+            assert r["status"] == "ok", r
+            assert r["peak_mem_gib"] > 0 and r["mfu_pct"] > 0
