@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the suite uses tiny tensors, where thread start-up costs more than it buys.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]

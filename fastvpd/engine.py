@@ -1,0 +1,311 @@
+"""The outer training loop, shared by pretraining, distillation and linear evaluation.
+
+`fit(cfg, task, loader, schedule, ...)` owns everything that is not the method: epochs and steps, the
+learning-rate schedule, logging at the `log.every` cadence (the only host syncs), evaluation hooks,
+checkpoints (cadence, end, SIGTERM/SIGINT, best), resume and non-finite detection. The method lives in a
+`Task` (see the Protocol below); the step itself lives in fastvpd/step.py.
+
+Checkpoint position is (epoch, step_in_epoch) with step_in_epoch in [0, steps_per_epoch];
+step_in_epoch == steps_per_epoch means "epoch trained, its end-of-epoch hooks (eval, periodic
+checkpoint) not yet run", so a run stopped at any step — by `train.max_steps`, a signal or a crash after a
+checkpoint — resumes into exactly the computation the uninterrupted run would have done. With
+`train.deterministic=true` on CPU a resumed run is bit-exact (weights, queue, optimizer, metrics).
+
+Signals: SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and `fit`
+returns normally (exit code 0). Time to exit: at most one step + one checkpoint write on one process; with
+several processes the ranks agree at the next log read, so at most `log.every` steps + one write. A second
+SIGINT aborts at once.
+
+Run dir (`train.out_dir`): config.yaml, metrics.jsonl, tb/, checkpoints/{step_XXXXXXXX,last,best}.pt.
+`train.resume`: auto = newest valid checkpoint in <out_dir>/checkpoints (fresh if none); a path = that
+file; never = fresh, refused when <out_dir>/checkpoints already holds checkpoints (choose another out_dir).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fastvpd import checkpoint, config, dist
+from fastvpd.config import UserError
+from fastvpd.log import RunLogger
+from fastvpd.step import DeviceMeters, rng_state, set_rng_state
+
+# config keys that may change between a run and its resumption without a warning
+_VOLATILE = (
+    "train.resume",
+    "train.max_steps",
+    "train.out_dir",
+    "train.device",
+    "train.cuda_graph",
+    "train.compile",
+    "log.",
+    "ckpt.",
+    "eval.",
+    "data.workers",
+    "data.verify",
+    "data.root",
+)
+
+
+class Task(Protocol):
+    """What `fit` needs from a method (MoCo pretraining, distillation, linear probe).
+
+    - `meters`: DeviceMeters the step accumulates into; read by the engine at the log cadence.
+    - `train_step(batch)`: one optimisation step, enqueued on the device, no host sync.
+    - `set_lr(lr)`: write the scheduled learning rate (a float) into the optimizer's lr tensor.
+    - `evaluate(epoch)`: metrics (floats) for epoch `epoch` (0-based, just finished); may sync; must leave
+      the modules in training mode. Called on every rank (rank 0's result is logged).
+    - `state_dict()` / `load_state_dict(sd)`: models, optimizer, scaler (tensors + plain containers).
+    """
+
+    meters: DeviceMeters
+
+    def train_step(self, batch: Any) -> None: ...
+    def set_lr(self, lr: float) -> None: ...
+    def evaluate(self, epoch: int) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, sd: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN/inf with train.on_nonfinite=stop."""
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    global_step: int
+    epoch: int  # epochs fully done
+    stopped: str  # done | max_steps | signal
+    last_checkpoint: Path | None
+    eval: dict[str, float] = field(default_factory=dict)  # the last evaluation's metrics
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT → `requested`; installed only in the main thread, restored by `close`."""
+
+    def __init__(self) -> None:
+        self.requested = ""
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        key = f"{prefix}{k}"
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, key + ".")
+        elif a != b and not any(key == v or (v.endswith(".") and key.startswith(v)) for v in _VOLATILE):
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _find_resume(cfg: Any, ckpt_dir: Path, say: Callable[[str], None]) -> tuple[Path, dict] | None:
+    mode = cfg.train.resume
+    if mode == "never":
+        if checkpoint.candidates(ckpt_dir):
+            raise UserError(
+                f"{ckpt_dir} already holds checkpoints: set train.resume=auto to continue that "
+                "run or choose another train.out_dir"
+            )
+        return None
+    if mode == "auto":
+        return checkpoint.latest_valid(ckpt_dir, warn=say)
+    path = Path(mode)
+    if not path.is_file():
+        raise UserError(f"train.resume={mode}: no such checkpoint file (use auto, never or a .pt path)")
+    return path, checkpoint.load(path)
+
+
+def fit(
+    cfg: Any,
+    task: Task,
+    loader: Any,
+    schedule: Callable[[int], float],
+    eval_every: int = 0,
+    best_key: str | None = None,
+    global_batch: int | None = None,
+) -> FitResult:
+    """Train `task` on `loader` for cfg.train.epochs (or cfg.train.max_steps) steps.
+
+    schedule(global_step) -> lr. eval_every: run task.evaluate every N epochs and after the last one
+    (0 = never). best_key: an evaluate() metric (higher is better) that refreshes checkpoints/best.pt.
+    """
+    info = dist.info()
+    run_dir = Path(cfg.train.out_dir)
+    ckpts = checkpoint.CheckpointDir(run_dir / "checkpoints", cfg.ckpt.keep)
+    say = (lambda m: print(m, flush=True)) if info.is_main else (lambda m: None)
+    spe, epochs = len(loader), cfg.train.epochs
+    total = spe * epochs
+    limit = total if cfg.train.max_steps < 0 else min(total, cfg.train.max_steps)
+    global_batch = global_batch or cfg.train.batch_size
+    epoch, in_epoch, g, best, last_eval = 0, 0, 0, -math.inf, {}
+
+    found = _find_resume(cfg, ckpts.dir, say) if info.is_main else None
+    resume_path = dist.broadcast_object(str(found[0]) if found else None)
+    last_ckpt = Path(resume_path) if resume_path else None
+    if resume_path:
+        state = found[1] if found else checkpoint.load(resume_path)
+        task.load_state_dict(state["task"])
+        p = state["progress"]
+        epoch, in_epoch, g, best = p["epoch"], p["step_in_epoch"], p["global_step"], p["best"]
+        if p.get("steps_per_epoch", spe) != spe:
+            raise UserError(
+                f"{resume_path} was written with {p['steps_per_epoch']} steps per epoch, this run "
+                f"has {spe}: resume with the same data and train.batch_size"
+            )
+        ranks = state["ranks"]
+        if len(ranks) == info.world_size:
+            set_rng_state(ranks[info.rank]["rng"])
+            loader.load_state_dict(ranks[info.rank]["loader"])
+            task.meters.load_state_dict(ranks[info.rank]["meters"])
+        else:
+            say(
+                f"warning: checkpoint has {len(ranks)} ranks, this run {info.world_size}: RNG states reseeded"
+            )
+        for line in _config_diff(state.get("config", {}), config.to_dict(cfg)):
+            say(f"warning: config differs from the checkpoint's: {line}")
+        say(f"resumed from {resume_path} at epoch {epoch + 1}, step {g}")
+    if info.is_main:
+        config.save(cfg, run_dir / "config.yaml")
+    logger = RunLogger(
+        run_dir,
+        limit,
+        resume_step=g,
+        tensorboard=cfg.log.tensorboard,
+        progress=cfg.log.progress,
+        enabled=info.is_main,
+    )
+    stop = _StopFlag()
+
+    def save(periodic: bool = False, is_best: bool = False) -> Path | None:
+        nonlocal last_ckpt
+        per_rank = dist.all_gather_object(
+            {"rng": rng_state(), "loader": loader.state_dict(), "meters": task.meters.state_dict()}
+        )
+        if not info.is_main:
+            return None
+        state = {
+            "task": task.state_dict(),
+            "ranks": per_rank,
+            "progress": {
+                "epoch": epoch,
+                "step_in_epoch": in_epoch,
+                "global_step": g,
+                "best": best,
+                "steps_per_epoch": spe,
+            },
+            "config": config.to_dict(cfg),
+        }
+        last_ckpt = ckpts.save(state, g, epoch, periodic=periodic, best=is_best)
+        return last_ckpt
+
+    t_win, wait_win, steps_win = time.perf_counter(), 0.0, 0
+
+    def check_finite(m: dict[str, Any]) -> None:
+        if m["nonfinite"] and cfg.train.on_nonfinite == "stop":
+            bad = g - m["steps"] + m["first_bad"] + 1
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in m["bad_values"].items())
+            raise NonFiniteLoss(
+                f"non-finite loss at step {bad} (epoch {epoch + 1}): {parts}; last good checkpoint: "
+                f"{last_ckpt or 'none'}. Lower optim.lr / use train.amp=bf16 or none, then resume "
+                "(train.resume=auto), or set train.on_nonfinite=skip"
+            )
+
+    def read_meters() -> None:
+        """The one host sync per log window: meters → metrics.jsonl, bar, non-finite check."""
+        nonlocal t_win, wait_win, steps_win
+        m = task.meters.read()
+        dt = max(time.perf_counter() - t_win, 1e-9)
+        check_finite(m)
+        row = {"epoch": epoch + 1, **m["mean"], "lr": schedule(g - 1)}
+        if cfg.train.on_nonfinite == "skip":
+            row["skipped"] = m["nonfinite"]
+        row.update({"samples_per_s": steps_win * global_batch / dt, "data_wait": wait_win / dt})
+        logger.log(g, row)
+        logger.advance(steps_win, g, steps_win * global_batch / dt, m["mean"])
+        t_win, wait_win, steps_win = time.perf_counter(), 0.0, 0
+
+    def stop_requested(at_read: bool) -> bool:
+        if info.world_size == 1:
+            return bool(stop.requested)
+        if not at_read:
+            return False
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=info.device)
+        return bool(dist.all_reduce_max(flag).item())
+
+    stopped = "done"
+    try:
+        while epoch < epochs and not (g >= limit and in_epoch < spe):
+            if in_epoch < spe:  # ---- train (the rest of) this epoch
+                logger.start_epoch(epoch, epochs, spe, initial=in_epoch)
+                loader.set_epoch(epoch, in_epoch)
+                batches = iter(loader)
+                t0 = time.perf_counter()
+                while in_epoch < spe and g < limit:
+                    batch = next(batches, None)
+                    if batch is None:
+                        raise UserError(
+                            f"the loader ended after {in_epoch} of its {spe} batches (epoch {epoch})"
+                        )
+                    wait_win += time.perf_counter() - t0
+                    task.set_lr(schedule(g))
+                    task.train_step(batch)
+                    g, in_epoch, steps_win = g + 1, in_epoch + 1, steps_win + 1
+                    at_read = g % cfg.log.every == 0 or in_epoch == spe
+                    if at_read:
+                        read_meters()
+                    if stop_requested(at_read):
+                        stopped = stop.requested or "signal"
+                        break
+                    t0 = time.perf_counter()
+                del batches
+                logger.close_bar()
+                if stopped != "done" or (g >= limit and limit < total):
+                    stopped = "max_steps" if stopped == "done" else stopped
+                    check_finite(task.meters.read(reset=False))  # the open window stays in the checkpoint
+                    save()
+                    logger.info(f"stopped ({stopped}) at step {g}; checkpoint {last_ckpt}")
+                    break
+            # ---- end of epoch: evaluation, best, periodic checkpoint
+            done = epoch + 1
+            is_best = False
+            if eval_every > 0 and (done % eval_every == 0 or done == epochs):
+                last_eval = task.evaluate(epoch)
+                logger.log(g, {"epoch": done, **last_eval})
+                logger.info(f"epoch {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+                if best_key and last_eval.get(best_key, -math.inf) > best:
+                    best, is_best = last_eval[best_key], True
+                best, is_best = dist.broadcast_object((best, is_best))  # rank 0 evaluates; all ranks save
+            epoch, in_epoch = done, 0
+            periodic = cfg.ckpt.every > 0 and done % cfg.ckpt.every == 0
+            if periodic or is_best or done == epochs:
+                save(periodic=periodic, is_best=is_best)
+    finally:
+        stop.close()
+        logger.close()
+    if stopped == "done" and limit < total:  # resumed at (or past) train.max_steps
+        stopped = "max_steps"
+    return FitResult(run_dir, g, epoch, stopped, last_ckpt, last_eval)

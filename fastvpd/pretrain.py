@@ -1,0 +1,223 @@
+"""MoCo v2 (+ margin) pretraining: `python -m fastvpd.pretrain --config configs/X.yaml key=value ...`.
+
+Several processes: `torchrun --nproc_per_node=G -m fastvpd.pretrain ...` (train.batch_size is the global
+batch, split over ranks; DDP on the query encoder only; keys all-gathered before the enqueue; MoCo's
+cross-process shuffle-BN replaces split-BN; rank 0 logs and checkpoints).
+
+Reads top to bottom: config → data → model → optimizer → Task (the step + the kNN monitor) → engine.fit.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastvpd import config, dist, engine
+from fastvpd.data import build_loader, from_config
+from fastvpd.knn import knn_accuracy
+from fastvpd.moco import MoCo
+from fastvpd.optim import base_lr, build_sgd, lr_at
+from fastvpd.step import MOCO_METRICS, DeviceMeters, GraphedStep, Precision, moco_step, pin_lr, setup_backends
+
+
+class MocoTask:
+    """The engine's Task for MoCo: a (graphed) `moco_step` per batch, a kNN monitor as evaluation.
+
+    `model` is the plain MoCo module (its state_dict keys never carry a DDP prefix); with several
+    processes `model.encoder_q` is shadowed by a DDP wrapper (see `_route_query_through_ddp`).
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        model: MoCo,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+        lr: float,
+        eval_loaders: tuple[Any, Any] | None,
+        say: Any,
+    ) -> None:
+        info = dist.info()
+        self.cfg, self.model, self.optimizer, self.precision = cfg, model, optimizer, precision
+        self.eval_loaders = eval_loaders
+        self.meters = DeviceMeters(MOCO_METRICS, info.device)
+        self.lr = torch.tensor(lr, dtype=torch.float32, device=info.device)
+        pin_lr(optimizer, self.lr)
+        skip = cfg.train.on_nonfinite == "skip"
+        why = (
+            ""
+            if info.device.type != "cuda" or not cfg.train.cuda_graph
+            else "train.on_nonfinite=skip syncs every step"
+            if skip
+            else "fp16 GradScaler syncs every step"
+            if not precision.graphable
+            else ""
+        )
+        fn = functools.partial(moco_step, model, optimizer, precision, self.meters, skip_nonfinite=skip)
+        self.step = GraphedStep(
+            fn,
+            enabled=cfg.train.cuda_graph and not why and info.device.type == "cuda",
+            warmup=11 if info.distributed else 3,
+            log=say,
+            why_disabled=why,
+        )
+
+    def train_step(self, batch: Any) -> None:
+        self.step(batch.views[0], batch.views[1])
+
+    def set_lr(self, lr: float) -> None:
+        self.lr.fill_(lr)
+
+    @torch.no_grad()
+    def _features(self, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone = self.model._modules["encoder_q"].backbone
+        feats, labels = [], []
+        loader.set_epoch(0)
+        for b in loader:
+            with self.precision.autocast():
+                feats.append(F.normalize(backbone(b.views[0]).float(), dim=1))
+            labels.append(b.labels)
+        return torch.cat(feats), torch.cat(labels)
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """kNN top-1 (k=eval.knn_k, T=eval.knn_t) of val images against the train split's backbone
+        features (eval transform, BN in eval mode); main rank only."""
+        if self.eval_loaders is None:
+            return {}
+        self.model.eval()
+        try:
+            bank, bank_labels = self._features(self.eval_loaders[0])
+            val, val_labels = self._features(self.eval_loaders[1])
+            top1 = knn_accuracy(
+                val,
+                val_labels,
+                bank,
+                bank_labels,
+                self.eval_loaders[0].num_classes,
+                k=self.cfg.eval.knn_k,
+                t=self.cfg.eval.knn_t,
+            )
+        finally:
+            self.model.train()
+        return {"knn_top1": top1}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "precision": self.precision.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.model.load_state_dict(sd["model"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        pin_lr(self.optimizer, self.lr)  # load_state_dict replaced the groups' lr tensor
+        self.precision.load_state_dict(sd["precision"])
+
+
+def _route_query_through_ddp(model: MoCo, device: torch.device) -> None:
+    """Wrap the query encoder in DDP without changing the module tree: the wrapper is set as a plain
+    instance attribute, which Python finds before nn.Module's `_modules`, so `model.query` (and
+    `momentum_update_`, whose parameter order DDP keeps) go through DDP while `state_dict`, `.train()`
+    and checkpoints still see the raw encoder."""
+    raw = model._modules["encoder_q"]
+    ddp = DDP(raw, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    object.__setattr__(model, "encoder_q", ddp)
+
+
+def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
+    """Everything `fit` needs: (task, train loader, schedule)."""
+    info = dist.info()
+    setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
+    if cfg.train.batch_size % info.world_size:
+        raise config.ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes"
+        )
+    per_rank = cfg.train.batch_size // info.world_size
+    precision = Precision(cfg.train.amp, info.device)
+    dtype = precision.dtype or torch.float32
+    loader = build_loader(
+        cfg.data,
+        from_config(cfg.aug, train=True),
+        cfg.data.train_split,
+        per_rank,
+        info.device,
+        dtype,
+        cfg.train.seed,
+        info.rank,
+        info.world_size,
+        train=True,
+    )
+    eval_loaders = None
+    if info.is_main and cfg.eval.knn_every > 0:
+        spec = from_config(cfg.aug, train=False)
+        eval_loaders = tuple(
+            build_loader(cfg.data, spec, split, per_rank, info.device, dtype, cfg.train.seed, train=False)
+            for split in (cfg.data.train_split, cfg.data.val_split)
+        )
+    m = cfg.moco
+    bn_splits = m.bn_splits if info.world_size == 1 else 1  # shuffle-BN across processes replaces it
+    torch.manual_seed(cfg.train.seed)  # identical initial weights and queue on every rank
+    model = MoCo(
+        cfg.model.arch,
+        m.dim,
+        m.mlp_hidden,
+        m.queue_size,
+        m.momentum,
+        m.temperature,
+        m.margin,
+        bn_splits,
+        cfg.model.small_stem,
+    ).to(info.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
+    lr = base_lr(cfg.optim, cfg.train.batch_size)
+    optimizer = build_sgd(
+        model.encoder_q.parameters(), cfg.optim, torch.tensor(lr, dtype=torch.float32, device=info.device)
+    )
+    if cfg.train.compile:
+        for enc in (model.encoder_q, model.encoder_k):
+            enc.compile()
+        say("torch.compile: query and key encoders compiled (first steps are slow)")
+    if info.distributed:
+        _route_query_through_ddp(model, info.device)
+    task = MocoTask(cfg, model, optimizer, precision, lr, eval_loaders, say)
+    steps = len(loader)
+    schedule = functools.partial(
+        _schedule, steps_per_epoch=steps, optim_cfg=cfg.optim, base=lr, epochs=cfg.train.epochs
+    )
+    return task, loader, schedule
+
+
+def _schedule(step: int, steps_per_epoch: int, optim_cfg: Any, base: float, epochs: int) -> float:
+    return lr_at(step, steps_per_epoch, optim_cfg, base, epochs)
+
+
+@config.main_guard
+def main(argv: list[str] | None = None) -> Path:
+    """Run (or resume) a pretraining; returns the run directory."""
+    cfg = config.load(config.PretrainRun, argv)
+    info = dist.init(cfg.train.device)
+    say = print if info.is_main else (lambda *_: None)
+    try:
+        task, loader, schedule = build(cfg, say)
+        say(
+            f"pretrain: {cfg.model.arch}, {len(loader)} steps/epoch x {cfg.train.epochs} epochs, "
+            f"global batch {cfg.train.batch_size} on {info.world_size} x {info.device.type}, "
+            f"out {cfg.train.out_dir}"
+        )
+        result = engine.fit(cfg, task, loader, schedule, eval_every=cfg.eval.knn_every, best_key="knn_top1")
+        say(f"pretrain: {result.stopped} at step {result.global_step}; checkpoint {result.last_checkpoint}")
+        return result.run_dir
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
