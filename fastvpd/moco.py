@@ -88,9 +88,17 @@ class MoCo(nn.Module):
         # Indices 0..K-1 for enqueue_, allocated once (not saved: it is a constant).
         self.register_buffer("_arange", torch.arange(queue_size, dtype=torch.long), persistent=False)
 
+    def route_query(self, wrapper: nn.Module | None) -> None:
+        """Run the query encoder through `wrapper` (a DDP around `encoder_q`); None restores the plain call.
+
+        The module tree (state_dict, checkpoints, `encoders()`) keeps the raw encoder either way.
+        """
+        self.__dict__["_query_call"] = wrapper
+
     def query(self, x: Tensor) -> Tensor:
         """q = normalize(f_q(x)); x: Nx3xHxW -> q: NxC."""
-        return F.normalize(self.encoder_q(x), dim=1)
+        call = self.__dict__.get("_query_call") or self.encoder_q
+        return F.normalize(call(x), dim=1)
 
     @torch.no_grad()
     def key(self, x: Tensor) -> Tensor:
@@ -125,10 +133,11 @@ class MoCo(nn.Module):
     def loss(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """margin InfoNCE against the current queue -> (loss, logits Nx(1+K)).
 
-        The queue is cloned (K×C, small) so `enqueue_` may run before `backward` without tripping autograd's
-        in-place check, as MoCo's `self.queue.clone().detach()`.
+        No clone of the queue (MoCo's `self.queue.clone().detach()`): the step enqueues after `backward`,
+        and autograd's version counter turns an enqueue before `backward` into a loud error, not a wrong
+        gradient.
         """
-        return margin_info_nce(q, k, self.queue.clone(), self.temperature, self.margin)
+        return margin_info_nce(q, k, self.queue, self.temperature, self.margin)
 
     def forward(self, im_q: Tensor, im_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, logits, k) for a pair of views; no momentum update and no enqueue (the step does those)."""

@@ -29,7 +29,7 @@ class MocoTask:
     """The engine's Task for MoCo: a (graphed) `moco_step` per batch, a kNN monitor as evaluation.
 
     `model` is the plain MoCo module (its state_dict keys never carry a DDP prefix); with several
-    processes `model.encoder_q` is shadowed by a DDP wrapper (see `_route_query_through_ddp`).
+    processes `model.query` runs through a DDP wrapper (`MoCo.route_query`).
     """
 
     def __init__(
@@ -75,7 +75,7 @@ class MocoTask:
 
     @torch.no_grad()
     def _features(self, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        backbone = self.model._modules["encoder_q"].backbone
+        backbone = self.model.encoder_q.backbone
         feats, labels = [], []
         loader.set_epoch(0)
         for b in loader:
@@ -121,13 +121,10 @@ class MocoTask:
 
 
 def _route_query_through_ddp(model: MoCo, device: torch.device) -> None:
-    """Wrap the query encoder in DDP without changing the module tree: the wrapper is set as a plain
-    instance attribute, which Python finds before nn.Module's `_modules`, so `model.query` (and
-    `momentum_update_`, whose parameter order DDP keeps) go through DDP while `state_dict`, `.train()`
-    and checkpoints still see the raw encoder."""
-    raw = model._modules["encoder_q"]
-    ddp = DDP(raw, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-    object.__setattr__(model, "encoder_q", ddp)
+    """Gradients of the query encoder are all-reduced by DDP; the module tree (checkpoints, momentum
+    update, export) keeps the raw encoder."""
+    ids = [device] if device.type == "cuda" else None
+    model.route_query(DDP(model.encoder_q, device_ids=ids, broadcast_buffers=False))
 
 
 def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:

@@ -87,7 +87,7 @@ def test_key_shuffle_is_undone_exactly() -> None:
     assert not k.requires_grad and torch.allclose(k.norm(dim=1), torch.ones(6), atol=1e-5)
 
 
-def test_loss_forward_have_no_side_effects_and_enqueue_before_backward_is_safe() -> None:
+def test_loss_forward_have_no_side_effects_and_enqueue_before_backward_is_refused() -> None:
     m = _tiny(queue_size=16)
     x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     queue, ptr = m.queue.clone(), m.queue_ptr.clone()
@@ -100,10 +100,15 @@ def test_loss_forward_have_no_side_effects_and_enqueue_before_backward_is_safe()
     loss, _ = m.loss(q, k)
     ref, _ = margin_info_nce(q, k, queue, m.temperature, m.margin)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
-    m.enqueue_(k)  # MoCo enqueues inside forward, before backward
-    loss.backward()
-    assert all(p.grad is not None for p in m.encoder_q.parameters())
-    assert all(p.grad is None for p in m.encoder_k.parameters())
+    m.enqueue_(k)  # the logits hold the queue itself (no clone): enqueue before backward must fail loudly
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    m2 = _tiny(queue_size=16)
+    loss2, _ = m2.loss(m2.query(x1), m2.key(x2))
+    loss2.backward()  # the step's order: backward first, then enqueue_
+    m2.enqueue_(k)
+    assert all(p.grad is not None for p in m2.encoder_q.parameters())
+    assert all(p.grad is None for p in m2.encoder_k.parameters())
 
 
 def _free_port() -> int:
