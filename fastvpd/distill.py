@@ -1,0 +1,265 @@
+"""Phase 2, self-distillation: `python -m fastvpd.distill --config configs/X.yaml distill.teacher=CKPT ...`.
+
+Teacher and student both start from the MoCo *query* backbone of a pretraining checkpoint; the teacher is
+frozen (never in the optimizer; its BN stays in training mode as in the authors' code unless
+`distill.teacher_bn=eval`). The student (backbone + new fc) is trained with
+
+    loss = smoothed_ce(logits, y, label_smoothing) + lam · Σ_i w_i·partial_L2(conn_i(s_i), t_i) / N
+
+over the four pre-ReLU stage outputs (OFD), the connectors trained with the student. The distillation term
+is switched on from epoch `distill.start_epoch`, counted from 1 as the progress bar shows (the authors'
+`epoch < no_distill_epoch` with 1-based epochs: the default 5 gives 4 CE-only epochs). Baselines from the
+same code: `distill.kind=none` (plain fine-tuning), `model.init=random distill.kind=none` (supervised from
+scratch, no teacher), `distill.kind=l2` (L2 between pooled features).
+
+Several processes: `torchrun --nproc_per_node=G -m fastvpd.distill ...` (DDP on the student and the
+connectors; the teacher runs locally on each rank's shard; rank 0 validates and checkpoints).
+
+Reads top to bottom: config → data → models → optimizer → Task (the step + validation) → engine.fit.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastvpd import config, dist, engine
+from fastvpd.classifier import (
+    DISTILL_METRICS,
+    Classifier,
+    DistillNet,
+    backbone_state,
+    build_teacher,
+    classifier_record,
+    distill_step,
+    evaluate_top,
+    read_state,
+)
+from fastvpd.config import UserError
+from fastvpd.data import build_loader, from_config
+from fastvpd.optim import base_lr, build_sgd, lr_at
+from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
+
+
+def distill_active(epoch: int, start_epoch: int) -> bool:
+    """Is the distillation term on in 0-based epoch `epoch`? (start_epoch counts epochs from 1.)"""
+    return epoch + 1 >= start_epoch
+
+
+class DistillTask:
+    """The engine's Task: a (graphed) `distill_step` per batch, top-1/top-5 on the val split as evaluation.
+
+    The two phases (CE only / CE + distillation) are two step functions, each captured as its own CUDA
+    graph; the CE-only one is dropped when the distillation starts. The current epoch is the train
+    loader's (the engine calls `loader.set_epoch` before every epoch, also when resuming).
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        net: DistillNet,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+        lr: float,
+        loader: Any,
+        val_loader: Any | None,
+        classes: list[str],
+        say: Any,
+    ) -> None:
+        info = dist.info()
+        self.cfg, self.net, self.optimizer, self.precision = cfg, net, optimizer, precision
+        self.loader, self.val_loader, self.classes, self.say = loader, val_loader, classes, say
+        self.meters = DeviceMeters(DISTILL_METRICS, info.device)
+        self.lr = torch.tensor(lr, dtype=torch.float32, device=info.device)
+        pin_lr(optimizer, self.lr)
+        skip = cfg.train.on_nonfinite == "skip"
+        self.why = (
+            "train.on_nonfinite=skip syncs every step"
+            if skip and info.device.type == "cuda" and cfg.train.cuda_graph
+            else "fp16 GradScaler syncs every step"
+            if not precision.graphable and info.device.type == "cuda" and cfg.train.cuda_graph
+            else ""
+        )
+        self.graph_on = cfg.train.cuda_graph and not self.why and info.device.type == "cuda"
+        self.warmup = 11 if info.distributed else 3
+        self.skip = skip
+        self.steps: dict[bool, GraphedStep] = {}
+
+    def _step_for(self, on: bool) -> GraphedStep:
+        if on not in self.steps:
+            if on:
+                self.steps.pop(False, None)  # the CE-only graph is never needed again: free its memory
+            d = self.cfg.distill
+            fn = functools.partial(
+                distill_step, self.net, self.optimizer, self.precision, self.meters,
+                lam=d.lam, smoothing=d.label_smoothing, distill_on=on, skip_nonfinite=self.skip,
+            )  # fmt: skip
+            why, self.why = self.why, ""  # said once, not per phase
+            self.steps[on] = GraphedStep(
+                fn, enabled=self.graph_on, warmup=self.warmup, log=self.say, why_disabled=why
+            )
+            if on and self.net.kind != "none":
+                self.say(f"distillation on from epoch {self.loader.epoch + 1} (λ={d.lam:g}, kind={d.kind})")
+        return self.steps[on]
+
+    def train_step(self, batch: Any) -> None:
+        on = self.net.kind != "none" and distill_active(self.loader.epoch, self.cfg.distill.start_epoch)
+        x = batch.views[0]
+        self._step_for(on)(x, batch.labels.to(x.device, non_blocking=True))
+
+    def set_lr(self, lr: float) -> None:
+        self.lr.fill_(lr)
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Student top-1/top-5 (%) and CE on the val split (resize res/0.875, centre crop); main rank."""
+        if self.val_loader is None:
+            return {}
+        m = evaluate_top(self.net._modules["student"], self.val_loader, self.precision)
+        return {f"val_{k}": v for k, v in m.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        net = self.net
+        student = net._modules["student"]
+        res = self.cfg.aug.eval_res if self.cfg.aug.eval_res > 0 else self.cfg.aug.res
+        return {
+            "classifier": classifier_record(student, res, self.classes),
+            "distiller": net._modules["distiller"].state_dict() if net.distiller is not None else {},
+            "teacher_buffers": dict(net.teacher.named_buffers()) if net.teacher is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "precision": self.precision.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        net = self.net
+        net._modules["student"].load_state_dict(sd["classifier"]["state_dict"])
+        if net.distiller is not None:
+            net._modules["distiller"].load_state_dict(sd["distiller"])
+        if net.teacher is not None:
+            own = dict(net.teacher.named_buffers())
+            with torch.no_grad():
+                for k, v in sd["teacher_buffers"].items():
+                    own[k].copy_(v)
+        self.optimizer.load_state_dict(sd["optimizer"])
+        pin_lr(self.optimizer, self.lr)  # load_state_dict replaced the groups' lr tensor
+        self.precision.load_state_dict(sd["precision"])
+
+
+def build_net(cfg: Any, num_classes: int, say: Any = print) -> DistillNet:
+    """Student, teacher and connectors as the config asks (on the CPU, before `.to(device)`).
+
+    model.init=moco: the student's backbone is the teacher file's (MoCo query) backbone; random: torchvision
+    init. The teacher is loaded only when distill.kind != none.
+    """
+    m, d = cfg.model, cfg.distill
+    need_file = m.init == "moco" or d.kind != "none"
+    state = None
+    if need_file:
+        if not d.teacher:
+            why = "model.init=moco" if m.init == "moco" else f"distill.kind={d.kind}"
+            raise UserError(f"{why} needs distill.teacher=PATH (a pretraining checkpoint)")
+        obj = read_state(d.teacher)
+        rec = obj.get("task", {}).get("classifier") if isinstance(obj.get("task"), dict) else None
+        if isinstance(rec, dict) and int(rec.get("num_classes", num_classes)) != num_classes:
+            raise UserError(
+                f"distill.teacher={d.teacher} is a classifier for {rec['num_classes']} classes, the data has "
+                f"{num_classes}: pass a checkpoint trained on this dataset"
+            )
+        state = backbone_state(obj, m.arch, m.small_stem, source=f"distill.teacher={d.teacher}")
+    student = Classifier(m.arch, num_classes, m.small_stem)
+    if m.init == "moco":
+        student.backbone.load_state_dict(state)  # type: ignore[arg-type]
+    teacher = build_teacher(state, m.arch, m.small_stem) if d.kind != "none" else None  # type: ignore[arg-type]
+    net = DistillNet(student, teacher, d.kind, d.teacher_bn, list(d.stage_weights))
+    say(
+        f"distill: student {m.arch} ({m.init} init, {num_classes} classes), "
+        + (f"teacher {d.teacher} (BN {d.teacher_bn}), kind={d.kind}" if teacher is not None else "no teacher")
+    )
+    return net
+
+
+def _route_through_ddp(net: DistillNet, device: torch.device) -> None:
+    """DDP on the student and (when it has parameters) the connectors, as plain instance attributes so
+    `state_dict`/`.train()` still see the raw modules (the pattern of `fastvpd.pretrain`). Two wrappers,
+    because the connectors are absent from the CE-only epochs' graph."""
+    ids = [device] if device.type == "cuda" else None
+    for name in ("student", "distiller"):
+        mod = net._modules.get(name)
+        if mod is not None and any(p.requires_grad for p in mod.parameters()):
+            object.__setattr__(net, name, DDP(mod, device_ids=ids, broadcast_buffers=False))
+
+
+def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
+    """Everything `fit` needs: (task, train loader, schedule)."""
+    info = dist.info()
+    setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
+    if cfg.train.batch_size % info.world_size:
+        raise config.ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes"
+        )
+    per_rank = cfg.train.batch_size // info.world_size
+    precision = Precision(cfg.train.amp, info.device)
+    dtype = precision.dtype or torch.float32
+    loader = build_loader(
+        cfg.data, from_config(cfg.aug, train=True), cfg.data.train_split, per_rank, info.device, dtype,
+        cfg.train.seed, info.rank, info.world_size, train=True,
+    )  # fmt: skip
+    val_loader = None
+    if info.is_main and cfg.eval.every > 0:
+        spec = from_config(cfg.aug, train=False)
+        val_loader = build_loader(
+            cfg.data, spec, cfg.data.val_split, per_rank, info.device, dtype, cfg.train.seed, train=False
+        )
+    from fastvpd.data.manifest import Manifest
+
+    classes = Manifest.load(cfg.data.root).classes
+    torch.manual_seed(cfg.train.seed)  # identical fc / connector init on every rank
+    net = build_net(cfg, loader.num_classes, say).to(info.device)
+    if cfg.model.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
+    lr = base_lr(cfg.optim, cfg.train.batch_size)
+    optimizer = build_sgd(
+        net.trainable(), cfg.optim, torch.tensor(lr, dtype=torch.float32, device=info.device)
+    )
+    if cfg.train.compile:
+        net.student.compile()
+        say("torch.compile: student compiled (first steps are slow)")
+    if info.distributed:
+        _route_through_ddp(net, info.device)
+    task = DistillTask(cfg, net, optimizer, precision, lr, loader, val_loader, classes, say)
+    schedule = functools.partial(
+        lr_at, steps_per_epoch=len(loader), optim_cfg=cfg.optim, base_lr=lr, epochs=cfg.train.epochs
+    )
+    return task, loader, schedule
+
+
+@config.main_guard
+def main(argv: list[str] | None = None) -> Path:
+    """Run (or resume) a distillation / fine-tuning / from-scratch run; returns the run directory."""
+    cfg = config.load(config.DistillRun, argv)
+    info = dist.init(cfg.train.device)
+    say = print if info.is_main else (lambda *_: None)
+    try:
+        task, loader, schedule = build(cfg, say)
+        say(
+            f"distill: {len(loader)} steps/epoch x {cfg.train.epochs} epochs, "
+            f"global batch {cfg.train.batch_size} on {info.world_size} x {info.device.type}, "
+            f"out {cfg.train.out_dir}"
+        )
+        result = engine.fit(cfg, task, loader, schedule, eval_every=cfg.eval.every, best_key="val_top1")
+        say(
+            f"distill: {result.stopped} at step {result.global_step}; "
+            + (f"val top-1 {result.eval['val_top1']:.2f}%, " if "val_top1" in result.eval else "")
+            + f"last checkpoint {result.last_checkpoint}"
+        )
+        return result.run_dir
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Linear probe (MoCo's `main_lincls.py` protocol): `python -m fastvpd.linear distill.teacher=CKPT ...`.
+
+The backbone comes from a pretraining checkpoint (the MoCo query encoder; `distill.teacher` names the
+file), is frozen and kept in eval mode (BN on running statistics); only a new fc (init N(0, 0.01), bias 0)
+is trained, with plain cross-entropy and SGD lr 30, no weight decay, ×0.1 at epochs 60 and 80 of 100
+(LinearRun's defaults). Validation top-1/top-5 every `eval.every` epochs; checkpoints hold the whole
+classifier, so `python -m fastvpd.evaluate` reads them like distillation checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastvpd import config, dist, engine
+from fastvpd.classifier import Classifier, backbone_state, classifier_record, evaluate_top, read_state
+from fastvpd.config import UserError
+from fastvpd.data import build_loader, from_config
+from fastvpd.optim import base_lr, build_sgd, lr_at
+from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
+
+LINEAR_METRICS = ["loss", "top1"]
+
+
+class FrozenClassifier(Classifier):
+    """A Classifier whose backbone is frozen and stays in eval mode whatever `.train()` is called with."""
+
+    def __init__(self, arch: str, num_classes: int, small_stem: bool = False) -> None:
+        super().__init__(arch, num_classes, small_stem)
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        nn.init.normal_(self.fc.weight, mean=0.0, std=0.01)  # main_lincls.py's fc init
+        nn.init.zeros_(self.fc.bias)
+        self.train()
+
+    def train(self, mode: bool = True) -> FrozenClassifier:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+
+def linear_step(
+    model: FrozenClassifier,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    meters: DeviceMeters,
+    x: Tensor,
+    y: Tensor,
+    skip_nonfinite: bool = False,
+) -> dict[str, Tensor]:
+    """Frozen features (no graph kept) -> fc -> CE; SGD on the fc only. Metrics LINEAR_METRICS on device."""
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        with torch.no_grad():
+            feats = model.backbone(x)
+        logits = model.fc(feats)
+    loss = F.cross_entropy(logits.float(), y)
+    precision.backward_step(loss, optimizer, skip_nonfinite)
+    top1 = (logits.detach().argmax(dim=1) == y).float().mean() * 100.0
+    metrics = {"loss": loss.detach(), "top1": top1}
+    meters.accumulate(metrics)
+    return metrics
+
+
+class LinearTask:
+    """The engine's Task for the linear probe: a (graphed) `linear_step`, val top-1/top-5 as evaluation."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        model: FrozenClassifier,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+        lr: float,
+        val_loader: Any | None,
+        classes: list[str],
+        say: Any,
+    ) -> None:
+        info = dist.info()
+        self.cfg, self.model, self.optimizer, self.precision = cfg, model, optimizer, precision
+        self.val_loader, self.classes = val_loader, classes
+        self.meters = DeviceMeters(LINEAR_METRICS, info.device)
+        self.lr = torch.tensor(lr, dtype=torch.float32, device=info.device)
+        pin_lr(optimizer, self.lr)
+        skip = cfg.train.on_nonfinite == "skip"
+        gpu_graph = info.device.type == "cuda" and cfg.train.cuda_graph
+        why = (
+            "train.on_nonfinite=skip syncs every step"
+            if skip and gpu_graph
+            else "fp16 GradScaler syncs every step"
+            if not precision.graphable and gpu_graph
+            else ""
+        )
+        fn = functools.partial(linear_step, model, optimizer, precision, self.meters, skip_nonfinite=skip)
+        self.step = GraphedStep(
+            fn, enabled=gpu_graph and not why, warmup=11 if info.distributed else 3, log=say, why_disabled=why
+        )
+
+    def train_step(self, batch: Any) -> None:
+        x = batch.views[0]
+        self.step(x, batch.labels.to(x.device, non_blocking=True))
+
+    def set_lr(self, lr: float) -> None:
+        self.lr.fill_(lr)
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        m = evaluate_top(self.model, self.val_loader, self.precision)
+        return {f"val_{k}": v for k, v in m.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        res = self.cfg.aug.eval_res if self.cfg.aug.eval_res > 0 else self.cfg.aug.res
+        return {
+            "classifier": classifier_record(self.model, res, self.classes),
+            "optimizer": self.optimizer.state_dict(),
+            "precision": self.precision.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.model.load_state_dict(sd["classifier"]["state_dict"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        pin_lr(self.optimizer, self.lr)
+        self.precision.load_state_dict(sd["precision"])
+
+
+def build(cfg: Any, say: Any = print) -> tuple[LinearTask, Any, Any]:
+    """Everything `fit` needs: (task, train loader, schedule)."""
+    info = dist.info()
+    setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
+    if cfg.model.init != "moco":
+        raise config.ConfigError("the linear probe evaluates a pretrained backbone: model.init must be moco")
+    if not cfg.distill.teacher:
+        raise UserError("set distill.teacher=PATH: the pretraining checkpoint whose backbone is probed")
+    if cfg.train.batch_size % info.world_size:
+        raise config.ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes"
+        )
+    per_rank = cfg.train.batch_size // info.world_size
+    precision = Precision(cfg.train.amp, info.device)
+    dtype = precision.dtype or torch.float32
+    loader = build_loader(
+        cfg.data, from_config(cfg.aug, train=True), cfg.data.train_split, per_rank, info.device, dtype,
+        cfg.train.seed, info.rank, info.world_size, train=True,
+    )  # fmt: skip
+    val_loader = None
+    if info.is_main and cfg.eval.every > 0:
+        val_loader = build_loader(
+            cfg.data, from_config(cfg.aug, train=False), cfg.data.val_split, per_rank, info.device, dtype,
+            cfg.train.seed, train=False,
+        )  # fmt: skip
+    from fastvpd.data.manifest import Manifest
+
+    classes = Manifest.load(cfg.data.root).classes
+    m = cfg.model
+    state = backbone_state(
+        read_state(cfg.distill.teacher), m.arch, m.small_stem, source=f"distill.teacher={cfg.distill.teacher}"
+    )
+    torch.manual_seed(cfg.train.seed)
+    model = FrozenClassifier(m.arch, loader.num_classes, m.small_stem)
+    model.backbone.load_state_dict(state)
+    model = model.to(info.device)
+    if m.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
+    lr = base_lr(cfg.optim, cfg.train.batch_size)
+    optimizer = build_sgd(
+        list(model.fc.parameters()), cfg.optim, torch.tensor(lr, dtype=torch.float32, device=info.device)
+    )
+    if cfg.train.compile:
+        model.backbone.compile()
+        say("torch.compile: backbone compiled (first steps are slow)")
+    if info.distributed:
+        ids = [info.device] if info.device.type == "cuda" else None
+        object.__setattr__(model, "fc", DDP(model._modules["fc"], device_ids=ids, broadcast_buffers=False))
+    say(f"linear: frozen {m.arch} from {cfg.distill.teacher}, fc to {loader.num_classes} classes")
+    task = LinearTask(cfg, model, optimizer, precision, lr, val_loader, classes, say)
+    schedule = functools.partial(
+        lr_at, steps_per_epoch=len(loader), optim_cfg=cfg.optim, base_lr=lr, epochs=cfg.train.epochs
+    )
+    return task, loader, schedule
+
+
+@config.main_guard
+def main(argv: list[str] | None = None) -> Path:
+    """Run (or resume) a linear probe; returns the run directory."""
+    cfg = config.load(config.LinearRun, argv)
+    info = dist.init(cfg.train.device)
+    say = print if info.is_main else (lambda *_: None)
+    try:
+        task, loader, schedule = build(cfg, say)
+        say(
+            f"linear: {len(loader)} steps/epoch x {cfg.train.epochs} epochs, "
+            f"global batch {cfg.train.batch_size} on {info.world_size} x {info.device.type}, "
+            f"out {cfg.train.out_dir}"
+        )
+        result = engine.fit(cfg, task, loader, schedule, eval_every=cfg.eval.every, best_key="val_top1")
+        if "val_top1" in result.eval:
+            say(f"linear: val top-1 {result.eval['val_top1']:.2f}% (top-5 {result.eval['val_top5']:.2f}%)")
+        say(
+            f"linear: {result.stopped} at step {result.global_step}; last checkpoint {result.last_checkpoint}"
+        )
+        return result.run_dir
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
