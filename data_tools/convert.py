@@ -47,6 +47,14 @@ WRITE_MODES = ("jpg", "proportion", "raw")
 TMP = ".tmp"
 
 
+class StrictError(UserError):
+    """--strict and some source files were skipped; `skipped` lists every one ({path, reason})."""
+
+    def __init__(self, msg: str, skipped: list[dict[str, str]]) -> None:
+        super().__init__(msg)
+        self.skipped = skipped
+
+
 # ------------------------------------------------------------------------------------------------ decoding
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: alpha composited on white, 16/32-bit integer scaled to 8 bit."""
@@ -105,6 +113,10 @@ def cache_size(height: int, width: int, cache_res: int) -> tuple[int, int]:
 def _hash_job(path: str) -> tuple[int, str] | str:
     """(bytes, sha1) of a file, or the reason it cannot be read."""
     try:
+        if os.path.isdir(path):
+            return (
+                "symlink loop (links to its own or a parent folder)" if os.path.islink(path) else "not a file"
+            )
         if os.path.islink(path) and not os.path.exists(path):
             try:
                 os.stat(path)
@@ -139,6 +151,12 @@ def _scan_job(path: str) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as probe:
+                w, h = probe.size
+                if max(w, h) > MAX_SIDE:  # before getexif(), which decodes PNGs in full
+                    return {
+                        "ok": False,
+                        "reason": f"image too large ({w}x{h}; longest side limit {MAX_SIDE})",
+                    }
                 fmt, mode, info = probe.format, probe.mode, dict(probe.info)
                 orientation = probe.getexif().get(0x0112, 1)
         img = load_rgb(data)
@@ -243,7 +261,15 @@ def _walk_files(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            full = os.path.join(dirpath, d)
+            target = os.path.realpath(full)
+            if os.path.islink(full) and (target == real or real.startswith(target + os.sep)):
+                out.append(Path(full))  # a link to this folder or an ancestor: reported, never walked
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
     return out
 
@@ -313,6 +339,13 @@ def _replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _commit(o: dict[str, Any], fmt: str) -> None:
+    """Tell `convert` that `fmt`'s first finished file is about to replace an old one."""
+    hook = o.get("commit")
+    if hook is not None:
+        hook(fmt)
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(path.name + TMP)
 
@@ -324,27 +357,38 @@ def _cleanup_tmp(folder: Path) -> None:
                 p.unlink()
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a small file under its temp name, fsync it, rename it into place."""
     tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=1))
-    _replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 # --------------------------------------------------------------------------------------------------- writers
 def write_files_txt(split_dir: Path, sp: Split) -> list[Path]:
     path = split_dir / "files.txt"
-    tmp = _tmp(path)
-    tmp.write_text("".join(f"{s.rel} {s.label}\n" for s in sp.good))
-    _replace(tmp, path)
+    _write_atomic(path, "".join(f"{s.rel} {s.label}\n" for s in sp.good).encode())
     return [path]
 
 
 def write_dali(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
-    """WebDataset shards (<key>.jpg, <key>.cls; key = zero-padded sample index) + DALI v1.2 index files."""
+    """WebDataset shards (<key>.jpg, <key>.cls; key = zero-padded sample index) + DALI v1.2 index files.
+
+    Old shards stay untouched until every new shard is written (a failed rebuild leaves them usable)."""
     wds = split_dir / "wds"
     wds.mkdir(parents=True, exist_ok=True)
-    for old in list(wds.glob("*.tar")) + list(wds.glob("*.idx")):
-        old.unlink()
+    old_files = set(wds.glob("*.tar")) | set(wds.glob("*.idx"))
     n, size = len(sp.good), o["shard_size"]
     jobs = [(s.abspath, s.copy, o["jpeg_quality"]) for s in sp.good]
     payloads = _imap(_wds_job, jobs, o["workers"], f"dali {sp.name}", o["progress"])
@@ -370,13 +414,18 @@ def write_dali(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
                         data_off = tar.offset - ((len(data) + 511) // 512) * 512
                         parts.append(f"{ext} {data_off} {len(data)} {key}.{ext}")
                     lines.append(" ".join(parts))
-            _tmp(idx_path).write_text(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+            with open(_tmp(idx_path), "w") as f:
+                f.write(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+        _commit(o, "dali")
         for tar_path, idx_path in written:
             _replace(_tmp(tar_path), tar_path)
             _replace(_tmp(idx_path), idx_path)
     finally:
         payloads.close()
-    return [p for pair in written for p in pair]
+    new = [p for pair in written for p in pair]
+    for stale in old_files - set(new):  # shards of a larger previous conversion
+        stale.unlink(missing_ok=True)
+    return new
 
 
 def write_cache(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
@@ -406,6 +455,7 @@ def write_cache(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
             widths=sizes[:, 1].astype(np.int32),
             labels=np.array([s.label for s in sp.good], dtype=np.int64),
         )
+    _commit(o, "cache")
     _replace(_tmp(pix_path), pix_path)
     _replace(_tmp(meta_path), meta_path)
     return [pix_path, meta_path]
@@ -533,6 +583,7 @@ def write_ffcv(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
     writer.from_indexed_dataset(
         FFCVSource(sp.good), chunksize=max(1, min(100, len(sp.good) // o["workers"] or 1))
     )
+    _commit(o, "ffcv")
     _replace(_tmp(path), path)
     return [path]
 
@@ -549,7 +600,8 @@ def _check_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test{TMP}"
-        probe.write_bytes(b"")
+        with open(probe, "wb") as f:
+            f.write(b"\0")
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to output folder {out}: {e.strerror or e}") from None
@@ -674,12 +726,13 @@ def convert(
     if strict and skipped:
         listing = "; ".join(f"{d['path']}: {d['reason']}" for d in skipped[:20])
         more = f" (+{len(skipped) - 20} more)" if len(skipped) > 20 else ""
-        raise UserError(f"--strict: {len(skipped)} source file(s) skipped: {listing}{more}")
+        raise StrictError(f"--strict: {len(skipped)} source file(s) skipped: {listing}{more}", skipped)
     for sp in splits:
         if not sp.good:
             raise UserError(f"split {sp.name!r} has no readable images in {src}")
 
-    # 3. invalidate what will be rebuilt (the old manifest must never vouch for half-written files)
+    # 3. the new manifest: starts from what the old one vouches for (same sources) and stays in step with
+    # the disk: a format leaves it only when its first finished file is renamed over an old one (`commit`)
     keep_old = old is not None and old.get("source_digest") == digest
     manifest: dict[str, Any] = {
         "version": MANIFEST_VERSION,
@@ -700,15 +753,41 @@ def convert(
     if keep_old:
         assert old is not None
         for fmt, fo in old.get("format_options", {}).items():
-            if fmt in FORMATS and (fmt not in formats or fresh[fmt]):
+            if fmt in FORMATS:
                 manifest["format_options"][fmt] = fo
-                for name, sp in old["splits"].items():
-                    if fmt in sp.get("outputs", {}):
-                        manifest["splits"][name]["outputs"][fmt] = sp["outputs"][fmt]
-    if old is not None:
-        _write_json(out / MANIFEST_NAME, manifest)  # without the formats about to be rebuilt
+        for name, old_sp in old["splits"].items():
+            for fmt, recs in old_sp.get("outputs", {}).items():
+                if fmt in FORMATS or fmt == "files":
+                    manifest["splits"][name]["outputs"][fmt] = recs
+    manifest["options"]["formats"] = sorted(manifest["format_options"])
+    ondisk: dict[str, Any] = {"manifest": old, "rewritten": False}
+    committed: set[str] = set()
 
-    # 4. write the formats
+    def write_manifest() -> None:
+        manifest["options"]["formats"] = sorted(manifest["format_options"])
+        _write_json(out / MANIFEST_NAME, manifest)
+        ondisk["manifest"], ondisk["rewritten"] = json.loads(json.dumps(manifest)), True
+
+    def commit(fmt: str) -> None:
+        """Called right before the first finished file of `fmt` replaces an old one: from then on the
+        manifest on disk must not vouch for `fmt` (nor, when the sources changed, for anything old)."""
+        if fmt in committed:
+            return
+        committed.add(fmt)
+        manifest["format_options"].pop(fmt, None)
+        for spm in manifest["splits"].values():
+            spm["outputs"].pop(fmt, None)
+        disk = ondisk["manifest"]
+        if disk is None:
+            return
+        stale_sources = not keep_old and not ondisk["rewritten"]
+        if stale_sources or any(fmt in spm.get("outputs", {}) for spm in disk["splits"].values()):
+            write_manifest()
+
+    o["commit"] = commit
+
+    # 4. write the formats: every byte goes to a temp file first, so a full disk, a read-only folder or a
+    # crash leaves the previous outputs in place and manifest.json vouching only for complete files
     stats: dict[str, dict[str, Any]] = {}
     n_total = sum(len(sp.good) for sp in splits)
     try:
@@ -716,8 +795,6 @@ def convert(
             split_dir = out / sp.name
             split_dir.mkdir(parents=True, exist_ok=True)
             _cleanup_tmp(split_dir)
-            paths = write_files_txt(split_dir, sp)
-            manifest["splits"][sp.name]["outputs"]["files"] = [file_record(p, out) for p in paths]
         for fmt in formats:
             if fresh[fmt]:
                 nbytes = sum(r["bytes"] for spm in manifest["splits"].values() for r in spm["outputs"][fmt])
@@ -731,19 +808,34 @@ def convert(
                 manifest["splits"][sp.name]["outputs"][fmt] = recs
                 nbytes += sum(r["bytes"] for r in recs)
             manifest["format_options"][fmt] = _fmt_options(fmt, o)
-            manifest["options"]["formats"] = sorted(manifest["format_options"])
-            _write_json(out / MANIFEST_NAME, manifest)  # vouches for the formats finished so far
+            write_manifest()  # vouches for the formats finished so far
             stats[fmt] = {
                 "status": "built",
                 "images": n_total,
                 "bytes": nbytes,
                 "seconds": time.perf_counter() - t0,
             }
+        for sp in splits:
+            commit("files")
+            paths = write_files_txt(out / sp.name, sp)
+            manifest["splits"][sp.name]["outputs"]["files"] = [file_record(p, out) for p in paths]
+        write_manifest()  # last: vouches for everything above
+    except OSError as e:
+        where = e.filename or out
+        lost = sorted(f for f in committed if f not in manifest["format_options"] and f != "files")
+        kept = (
+            f"{', '.join(lost)} must be rebuilt, the rest of {out} is intact"
+            if lost
+            else f"the previous outputs in {out} are intact"
+        )
+        raise UserError(
+            f"could not write {where} ({e.strerror or e}): free disk space or make {out} writable, then "
+            f"re-run; {kept} (manifest.json vouches only for complete files)"
+        ) from None
     finally:
+        o.pop("commit", None)
         for sp in splits:
             _cleanup_tmp(out / sp.name)
-    manifest["options"]["formats"] = sorted(manifest["format_options"])
-    _write_json(out / MANIFEST_NAME, manifest)  # last: vouches for everything above
 
     summary = {
         "out": str(out),
@@ -799,7 +891,9 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-res", type=int, default=256, help="cache: short side (0 = native; never upscales)"
     )
     p.add_argument("--shard-size", type=int, default=1000, help="images per WebDataset tar shard")
-    p.add_argument("--strict", action="store_true", help="exit 1 when any source file was skipped")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 naming every skipped source file (nothing written)"
+    )
     p.add_argument("--force", action="store_true", help="rebuild formats even when they are up to date")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or summary table")
     a = p.parse_args(argv)
@@ -818,11 +912,14 @@ def main(argv: list[str] | None = None) -> int:
             force=a.force,
             progress=not a.no_progress,
         )
-    except UserError as e:
-        if a.strict and str(e).startswith("--strict"):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except StrictError as e:  # every skipped file on its own line, then the one-line summary
+        for d in e.skipped:
+            print(f"skipped: {d['path']}: {d['reason']}", file=sys.stderr)
+        print(
+            f"error: --strict: {len(e.skipped)} source file(s) skipped (listed above); nothing written",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

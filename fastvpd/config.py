@@ -6,12 +6,13 @@ turns their exceptions into one-line errors (exit code 2) and adds the cross-fie
 
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -197,24 +198,143 @@ def _select(cfg: Any, key: str) -> Any:
     return OmegaConf.select(cfg, key)
 
 
+def suggest_key(key: str, valid: list[str]) -> str | None:
+    """The valid dotted key closest to a mistyped one (whole key first, then the last component alone,
+    preferring the same section), or None when nothing is close."""
+    hit = difflib.get_close_matches(key, valid, n=1, cutoff=0.75)
+    if hit:
+        return hit[0]
+    section, _, leaf = key.rpartition(".")
+    by_leaf: dict[str, list[str]] = {}
+    for k in valid:
+        by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    if not close:
+        return None
+    options = by_leaf[close[0]]
+    same = [k for k in options if k.rpartition(".")[0] == section]
+    return (same or options)[0]
+
+
+def _unknown_key_message(key: str, schema: type, where: str) -> str:
+    """'unknown config key ...' naming the full dotted key and the closest valid key (or the choices)."""
+    valid = _valid_keys(OmegaConf.structured(schema))
+    sections = sorted({k.split(".")[0] for k in valid})
+    head = f"unknown config key {key!r}{where}"
+    hint = suggest_key(key, valid)
+    if hint:
+        return f"{head}: did you mean {hint!r}?"
+    section = key.split(".")[0]
+    if section in sections:
+        keys = [k for k in valid if k.startswith(section + ".")]
+        return f"{head}: section {section!r} has keys {', '.join(keys)}"
+    return f"{head}: keys are section.name with section one of {', '.join(sections)}"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf value} of a nested mapping (lists are leaves)."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict | DictConfig):
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict | DictConfig) and len(v):
+                out.update(_flatten(v, name + "."))
+            else:
+                out[name] = v
+    return out
+
+
+def _check_keys(schema: type, given: dict[str, Any], where: str) -> None:
+    """Reject unknown keys and values given to whole sections before OmegaConf sees them, so that the
+    message names the full dotted key (OmegaConf names only the first unknown component)."""
+    valid = set(_valid_keys(OmegaConf.structured(schema)))
+    sections = {k.split(".")[0] for k in valid}
+    for key in given:
+        if key in valid:
+            continue
+        if key in sections:
+            example = next(k for k in sorted(valid) if k.startswith(key + "."))
+            raise ConfigError(f"{key} is a section, not a value{where}: set its keys, e.g. {example}=...")
+        parent = next((key[: len(v)] for v in valid if key.startswith(v + ".")), None)
+        if parent is not None:
+            raise ConfigError(f"{parent} is a single value, not a section{where}: use {parent}=VALUE")
+        raise ConfigError(_unknown_key_message(key, schema, where))
+
+
+def _type_message(key: str, schema: type, given: dict[str, Any]) -> str:
+    """'KEY=VALUE is not a valid TYPE: ...' with an example of the right form."""
+    names = {bool: "boolean (true/false)", int: "whole number", float: "number", str: "string"}
+    base = key.split("[")[0]
+    default = OmegaConf.select(OmegaConf.structured(schema), base)
+    value = given.get(base, "?")
+    if isinstance(default, ListConfig):
+        elem = default._metadata.element_type
+        kind = names.get(elem, getattr(elem, "__name__", "value"))
+        example = OmegaConf.to_container(default) or ([60, 80] if elem is int else [0.5, 1.0])
+        shown = "[" + ",".join(str(v) for v in example) + "]"
+        return f"{base}={value} is not a valid list of {kind}s: use e.g. {base}={shown}"
+    kind = names.get(type(default), type(default).__name__)
+    shown = str(default).lower() if isinstance(default, bool) else default
+    return f"{key}={value} is not a valid {kind}: use e.g. {base}={shown}"
+
+
 def validate(cfg: Any) -> None:
     """Cross-field checks OmegaConf cannot express; raise ConfigError naming the key and the fix."""
     for key, choices in CHOICES.items():
         val = _select(cfg, key)
         if val is not None and val not in choices:
-            raise ConfigError(f"{key}={val!r} is not one of {', '.join(choices)}")
-    positive = ["train.batch_size", "train.epochs", "log.every", "aug.res"]
+            hint = difflib.get_close_matches(str(val), choices, n=1, cutoff=0.6)
+            dym = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{key}={val!r} is not one of {', '.join(choices)}{dym}")
+    positive = [
+        "train.batch_size",
+        "train.epochs",
+        "log.every",
+        "aug.res",
+        "moco.dim",
+        "moco.queue_size",
+        "moco.temperature",
+        "optim.lr",
+        "optim.lr_batch",
+        "eval.knn_k",
+        "eval.knn_t",
+    ]
     for key in positive:
-        if _select(cfg, key) is not None and _select(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be > 0 (got {_select(cfg, key)})")
-    if _select(cfg, "optim.lr") is not None and cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0 (got {cfg.optim.lr})")
+        val = _select(cfg, key)
+        if val is not None and val <= 0:
+            raise ConfigError(f"{key} must be > 0 (got {val})")
+    non_negative = [
+        "ckpt.every",
+        "ckpt.keep",
+        "eval.every",
+        "eval.knn_every",
+        "data.workers",
+        "moco.mlp_hidden",
+        "optim.weight_decay",
+        "optim.momentum",
+        "optim.warmup_epochs",
+        "distill.lam",
+        "distill.start_epoch",
+    ]
+    for key in non_negative:
+        val = _select(cfg, key)
+        if val is not None and val < 0:
+            raise ConfigError(f"{key} must be >= 0 (got {val})")
+    if _select(cfg, "train.max_steps") is not None and (cfg.train.max_steps == 0 or cfg.train.max_steps < -1):
+        raise ConfigError(f"train.max_steps must be > 0, or -1 for the whole run (got {cfg.train.max_steps})")
+    for key in ("aug.min_scale", "aug.eval_res"):
+        val = _select(cfg, key)
+        if val is not None and val != -1 and val <= 0:
+            raise ConfigError(f"{key} must be > 0, or -1 for the default (got {val})")
+    if _select(cfg, "aug.min_scale") is not None and cfg.aug.min_scale > 1:
+        raise ConfigError(f"aug.min_scale must be <= 1 (got {cfg.aug.min_scale})")
+    ls = _select(cfg, "distill.label_smoothing")
+    if ls is not None and not 0.0 <= ls < 1.0:
+        raise ConfigError(f"distill.label_smoothing must be in [0, 1) (got {ls})")
     if "moco" in cfg:
         m = cfg.moco
         if not 0.0 <= m.momentum < 1.0:
             raise ConfigError(f"moco.momentum must be in [0, 1) (got {m.momentum})")
-        if m.temperature <= 0:
-            raise ConfigError(f"moco.temperature must be > 0 (got {m.temperature})")
         if m.queue_size < cfg.train.batch_size:
             raise ConfigError(
                 f"moco.queue_size={m.queue_size} is smaller than train.batch_size={cfg.train.batch_size}: "
@@ -228,13 +348,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError("distill.stage_weights needs 4 values (one per ResNet stage)")
 
 
-def load(schema: type, argv: list[str] | None = None) -> Any:
-    """Build a config from the schema, an optional `--config FILE.yaml` and `key=value` overrides.
-
-    Raises ConfigError (one line) on unknown keys, wrong types or invalid values.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = OmegaConf.structured(schema)
+def _parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     yaml_path = None
     overrides: list[str] = []
     i = 0
@@ -250,27 +364,54 @@ def load(schema: type, argv: list[str] | None = None) -> Any:
         elif "=" in a and not a.startswith("-"):
             overrides.append(a)
         else:
-            raise ConfigError(f"unexpected argument {a!r}: use --config FILE.yaml and section.key=value overrides")
+            raise ConfigError(
+                f"unexpected argument {a!r}: use --config FILE.yaml and section.key=value overrides"
+            )
         i += 1
+    return yaml_path, overrides
+
+
+def load(schema: type, argv: list[str] | None = None) -> Any:
+    """Build a config from the schema, an optional `--config FILE.yaml` and `key=value` overrides.
+
+    Raises ConfigError (one line naming the full dotted key and the fix) on unknown keys, wrong types or
+    invalid values.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    yaml_path, overrides = _parse_argv(argv)
+    cfg = OmegaConf.structured(schema)
+    given: dict[str, Any] = {}
     try:
         if yaml_path is not None:
             if not Path(yaml_path).is_file():
                 raise ConfigError(f"config file not found: {yaml_path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(yaml_path))
+            loaded = OmegaConf.load(yaml_path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{yaml_path} must be a mapping of sections (train: ..., data: ...)")
+            flat = _flatten(OmegaConf.to_container(loaded))
+            _check_keys(schema, flat, f" in {yaml_path}")
+            given.update(flat)
+            cfg = OmegaConf.merge(cfg, loaded)
         if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+            dot = OmegaConf.from_dotlist(overrides)
+            flat = _flatten(OmegaConf.to_container(dot))
+            _check_keys(schema, flat, "")
+            given.update({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides})
+            cfg = OmegaConf.merge(cfg, dot)
     except ConfigError:
         raise
-    except ConfigKeyError as e:
+    except ConfigKeyError as e:  # normally caught by _check_keys first
         key = getattr(e, "full_key", None) or str(e).splitlines()[0]
-        valid = ", ".join(_valid_keys(OmegaConf.structured(schema)))
-        raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}") from None
+        raise ConfigError(_unknown_key_message(str(key), schema, "")) from None
     except ValidationError as e:
-        raise ConfigError(f"bad value for {getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
+        key = getattr(e, "full_key", None)
+        if not key:
+            raise ConfigError(f"bad config value: {str(e).splitlines()[0]}") from None
+        raise ConfigError(_type_message(str(key), schema, given)) from None
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     except Exception as e:  # YAML syntax errors and the like
-        raise ConfigError(f"could not read the config: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"could not read the config: {' '.join(str(e).split())}") from None
     validate(cfg)
     return cfg
 
@@ -292,6 +433,11 @@ def from_dict(schema: type, d: dict) -> Any:
     return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(d))
 
 
+def one_line(msg: str) -> str:
+    """Collapse a message onto one line (user errors are printed as exactly one line)."""
+    return " ".join(msg.split())
+
+
 def main_guard(fn):  # type: ignore[no-untyped-def]
     """Decorator for entry points: user mistakes (ConfigError, UserError) print one line and exit 2."""
 
@@ -299,7 +445,7 @@ def main_guard(fn):  # type: ignore[no-untyped-def]
         try:
             return fn(*a, **kw)
         except (ConfigError, UserError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(str(e))}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     wrapped.__name__ = getattr(fn, "__name__", "main")

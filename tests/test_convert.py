@@ -402,10 +402,21 @@ def test_interrupted_write_leaves_nothing_a_reader_accepts(
             convert(src, out, force=True, **kw)
     m = Manifest.load(out)
     for split in m.splits:
-        m.verify(split, ["dali"], mode="full")  # finished before the crash: still vouched for
-        with pytest.raises(UserError, match="--formats cache"):
-            m.verify(split, ["cache"], mode="off")
+        # dali was rebuilt before the crash; the cache died in its temp files, so the previous cache is
+        # untouched and still vouched for
+        m.verify(split, ["dali", "cache", "files"], mode="full")
     assert not list(out.rglob("*.tmp"))
+    s = convert(src, out, **kw)  # nothing to redo
+    assert s["formats"]["cache"]["status"] == "up to date" and s["formats"]["dali"]["status"] == "up to date"
+    with monkeypatch.context() as mp:  # a crash after the first cache file was renamed into place
+        # renames: manifest.json (cache dropped), train/cache/{pixels.npy,meta.npz}, then val/cache dies
+        mp.setattr(conv, "_replace", _failing_after(3, conv._replace))
+        with pytest.raises(RuntimeError, match="simulated"):
+            convert(src, out, formats=("cache",), force=True, workers=1, progress=False)
+    m = Manifest.load(out)
+    m.verify("train", ["dali"], mode="full")
+    with pytest.raises(UserError, match="--formats cache"):
+        m.verify("train", ["cache"], mode="off")  # half-replaced: no longer vouched for
     s = convert(src, out, **kw)  # recovers: the cache is rebuilt, dali is up to date
     assert s["formats"]["cache"]["status"] == "built" and s["formats"]["dali"]["status"] == "up to date"
 
