@@ -27,7 +27,7 @@ from fastvpd.config import UserError
 from fastvpd.losses import smoothed_ce
 from fastvpd.models import FeatureTaps, build_backbone, stage_channels
 from fastvpd.ofd import OFDDistiller, pooled_l2
-from fastvpd.step import DeviceMeters, Precision
+from fastvpd.step import DeviceMeters, Precision, bn_snapshot
 
 __all__ = [
     "Classifier",
@@ -284,11 +284,13 @@ def distill_step(
     gradient and no weight decay, as in the authors' code where they are absent from that loss).
     """
     optimizer.zero_grad(set_to_none=True)
+    restore_bn = bn_snapshot(net, skip_nonfinite)
     with precision.autocast():
         logits, dterm = net(x, distill_on)
         ce = smoothed_ce(logits, y, smoothing)
         loss = ce + lam * dterm if distill_on and net.kind != "none" else ce
-    precision.backward_step(loss, optimizer, skip_nonfinite)
+    if not precision.backward_step(loss, optimizer, skip_nonfinite):
+        restore_bn()
     top1 = (logits.detach().argmax(dim=1) == y).float().mean() * 100.0
     metrics = {
         "loss": loss.detach().float(),

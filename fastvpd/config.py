@@ -371,6 +371,22 @@ def _parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     return yaml_path, overrides
 
 
+def _quote_str_overrides(schema: type, overrides: list[str]) -> list[str]:
+    """Pass values of string fields through verbatim: YAML would read `data.verify=off` as False and
+    `distill.teacher=` as null, and neither is what a user typing a string means."""
+    base = OmegaConf.structured(schema)
+    out = []
+    for o in overrides:
+        key, val = o.split("=", 1)
+        try:
+            is_str = isinstance(OmegaConf.select(base, key, throw_on_missing=False), str)
+        except OmegaConfBaseException:
+            is_str = False
+        quoted = val[:1] in ("'", '"') and val[-1:] == val[:1] and len(val) > 1
+        out.append(f"{key}='{val.replace(chr(39), chr(39) * 2)}'" if is_str and not quoted else o)
+    return out
+
+
 def load(schema: type, argv: list[str] | None = None) -> Any:
     """Build a config from the schema, an optional `--config FILE.yaml` and `key=value` overrides.
 
@@ -393,7 +409,7 @@ def load(schema: type, argv: list[str] | None = None) -> Any:
             given.update(flat)
             cfg = OmegaConf.merge(cfg, loaded)
         if overrides:
-            dot = OmegaConf.from_dotlist(overrides)
+            dot = OmegaConf.from_dotlist(_quote_str_overrides(schema, overrides))
             flat = _flatten(OmegaConf.to_container(dot))
             _check_keys(schema, flat, "")
             given.update({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides})

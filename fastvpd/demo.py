@@ -4,8 +4,8 @@ Steps: make the digits tree → convert (all formats) → MoCo v2 + margin pretr
 self-distillation → the two baselines from the same code (supervised from scratch, MoCo + plain fine-tuning)
 → evaluation on the test split → results table (Markdown + JSON) and a PNG chart in the run folder.
 
-`--seeds 0,1,2` repeats the whole thing per seed and reports mean ± std; `--readme README.md` writes that table
-between the `<!-- demo-results -->` markers, so the README's numbers always come from a run.
+`--seeds 0,1,2` repeats the whole thing per seed and reports mean ± std; `--readme README.md` writes that
+table between the `<!-- demo-results -->` markers, so the README's numbers always come from a run.
 """
 
 from __future__ import annotations
@@ -113,7 +113,10 @@ def run_seed(out: Path, seed: int, data_root: Path, extra: list[str]) -> tuple[l
 
 def _table(rows: dict[str, list[MethodResult]], machine: str) -> str:
     n = len(next(iter(rows.values())))
-    head = f"Digits demo, test split, {n} seed(s), mean ± std; wall time includes pretraining where used. {machine}"
+    head = (
+        f"Digits demo, test split, {n} seed(s), mean ± std; wall time includes pretraining where used. "
+        f"{machine}"
+    )
     lines = [head, "", "| method | top-1 (%) | top-5 (%) | wall time (s) |", "|---|---|---|---|"]
     for method, rs in rows.items():
 
@@ -121,9 +124,8 @@ def _table(rows: dict[str, list[MethodResult]], machine: str) -> str:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             return f"{statistics.mean(vals):{fmt}} ± {sd:{fmt}}"
 
-        lines.append(
-            f"| {method} | {ms([r.top1 for r in rs])} | {ms([r.top5 for r in rs])} | {ms([r.seconds for r in rs], '.0f')} |"
-        )
+        top1, top5 = ms([r.top1 for r in rs]), ms([r.top5 for r in rs])
+        lines.append(f"| {method} | {top1} | {top5} | {ms([r.seconds for r in rs], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> Path:
         for r in res:
             rows.setdefault(r.method, []).append(r)
 
-    machine = f"Machine: {platform.processor() or platform.machine()}, {_cpu_desc()}, run {date.today().isoformat()}."
+    cpu = platform.processor() or platform.machine()
+    machine = f"Machine: {cpu}, {_cpu_desc()}, run {date.today().isoformat()}."
     table = _table(rows, machine)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(

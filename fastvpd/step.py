@@ -127,6 +127,28 @@ class Precision:
             self.scaler.load_state_dict(sd["scaler"])
 
 
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def bn_snapshot(module: torch.nn.Module, enabled: bool) -> Callable[[], None]:
+    """Skip mode only: copy the BatchNorm running statistics now; the returned function puts them back.
+
+    A skipped (non-finite) step has already run its forward, which wrote the bad batch into the running
+    statistics; restoring them makes the skip leave no trace. Disabled (the default) it costs nothing.
+    """
+    if not enabled:
+        return lambda: None
+    bufs = [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] in _BN_BUFFERS]
+    saved = [b.clone() for b in bufs]
+
+    @torch.no_grad()
+    def restore() -> None:
+        for b, v in zip(bufs, saved):
+            b.copy_(v)
+
+    return restore
+
+
 def pin_lr(optimizer: torch.optim.Optimizer, lr: Tensor) -> None:
     """Make every param group read the learning rate from the same 0-d device tensor `lr`.
 
@@ -221,6 +243,7 @@ def moco_step(
     all-gathers them over ranks itself). `acc` = fraction of queries whose positive logit is the largest.
     """
     optimizer.zero_grad(set_to_none=True)
+    restore_bn = bn_snapshot(model, skip_nonfinite)
     model.momentum_update_()
     with precision.autocast():
         q = model.query(v1)
@@ -230,6 +253,8 @@ def moco_step(
     applied = precision.backward_step(loss, optimizer, skip_nonfinite)
     if applied:
         model.enqueue_(k.detach())
+    else:
+        restore_bn()
     acc = (logits.detach().argmax(dim=1) == 0).float().mean()
     metrics = {"loss": loss.detach().float(), "acc": acc}
     meters.accumulate(metrics)

@@ -212,3 +212,11 @@ def test_cli_catches_stale_partial_or_foreign_data(
     _one_line(*results[2], "pixels.npy", "content hash", "--force")
     _one_line(*results[3], "train.beton", "--formats ffcv --force")
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+def test_string_fields_take_override_values_verbatim() -> None:
+    """YAML would read `off` as False and an empty value as null; for str fields the user means a string."""
+    cfg = config.load(config.DistillRun, ["data.verify=off", "distill.teacher=", "train.out_dir=it's here"])
+    assert cfg.data.verify == "off" and cfg.distill.teacher == "" and cfg.train.out_dir == "it's here"
+    with pytest.raises(config.ConfigError, match="train.epochs"):
+        config.load(config.DistillRun, ["train.epochs=off"])
