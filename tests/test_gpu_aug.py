@@ -108,14 +108,15 @@ def test_color_ops_match_torchvision() -> None:
     torch.testing.assert_close(gray, TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
 
 
-def test_color_jitter_order_per_sample_matches_sequential_torchvision() -> None:
+@pytest.mark.parametrize("subset", [False, True])
+def test_color_jitter_order_per_sample_matches_sequential_torchvision(subset: bool) -> None:
     x = _batch()
     factors = torch.tensor(
         [[0.7, 1.2, 0.8, 0.07], [1.3, 0.6, 1.4, -0.09], [1.0, 1.1, 0.9, 0.02], [0.9, 0.9, 0.9, 0.1]]
     )
     order = torch.tensor([[3, 0, 2, 1], [0, 1, 2, 3], [2, 3, 1, 0], [1, 0, 3, 2]])
     on = torch.tensor([True, True, True, False])
-    out = G.color_jitter(x, factors, order, on)
+    out = G.color_jitter(x, factors, order, on, subset=subset)
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(x.shape[0]):
         ref = x[i]
@@ -224,3 +225,82 @@ def test_augmenter_flip_rate_and_eval_determinism() -> None:
     a = aug.augment(torch.arange(4))
     b = aug.augment(torch.arange(4))
     assert len(a) == 1 and torch.equal(a[0], b[0])
+
+
+def test_photometric_subset_path_equals_fixed_shape_path() -> None:
+    """The CPU subset form (ops only on the samples drawn for them) renders what the capturable form does."""
+    x = _batch().repeat(4, 1, 1, 1)
+    view = moco_v2(24).views[0]
+    p = G.sample_photometric(view, x.shape[0], torch.Generator().manual_seed(5), x.device)
+    assert p.jitter_on.any() and p.blur_on.any() and not p.blur_on.all()
+    fixed = G.photometric(x, view, p, subset=False)
+    torch.testing.assert_close(G.photometric(x, view, p, subset=True), fixed, atol=1e-6, rtol=0)
+    assert torch.equal(G.photometric(x, view, p), G.photometric(x, view, p, subset=True))  # CPU default
+
+
+needs_kernel = pytest.mark.skipif(not G.CPU_KERNEL, reason="numba CPU kernel not available")
+
+
+def _u8_batch() -> torch.Tensor:
+    """uint8 [B, 3, 24, 24] channels-last (HWC memory), as FFCV hands it over."""
+    x = (_batch() * 255).round().to(torch.uint8)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernel
+def test_cpu_kernel_photometric_matches_sequential_torchvision() -> None:
+    u8 = _u8_batch()
+    x = u8.float() / 255.0
+    view = moco_v2(24).views[0]
+    k = view.blur.kernel_size(24)
+    p = G.Photometric(
+        jitter_on=torch.tensor([True, True, True, False]),
+        factors=torch.tensor(
+            [[0.7, 1.2, 0.8, 0.07], [1.3, 0.6, 1.4, -0.09], [1.0, 1.1, 0.9, 0.02], [0.9, 0.9, 0.9, 0.1]]
+        ),
+        order=torch.tensor([[3, 0, 2, 1], [0, 1, 2, 3], [2, 3, 1, 0], [1, 0, 3, 2]]),
+        gray_on=torch.tensor([False, True, False, True]),
+        blur_on=torch.tensor([True, False, True, True]),
+        sigma=torch.tensor([0.4, 1.0, 1.7, 2.0]),
+    )
+    mean, std = torch.tensor(view.normalize.mean), torch.tensor(view.normalize.std)
+    (out,) = G.render_cpu_images([u8], [view], [p], [(mean, std)], torch.float32)
+    assert out.shape == (4, 3, 24, 24) and out.is_contiguous(memory_format=torch.channels_last)
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(4):
+        ref = x[i]
+        if p.jitter_on[i]:
+            for op in p.order[i].tolist():
+                ref = fns[op](ref, float(p.factors[i, op]))
+        if p.gray_on[i]:
+            ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
+        if p.blur_on[i]:
+            ref = TF.gaussian_blur(ref, [k, k], [float(p.sigma[i])] * 2)
+        ref = TF.normalize(ref, view.normalize.mean, view.normalize.std)
+        torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)  # ~2e-5 before normalising
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec_name", ["moco_v2", "moco_v2_64", "eval_ten_crop"])
+def test_cpu_kernel_augmenter_equals_batched_torch_path(
+    spec_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same generator draws, same pixels (to float rounding) with and without the numba kernel."""
+    imgs = _images(4)
+    pixels, offsets, H, W = _store(imgs)
+    spec = {"moco_v2": moco_v2(16), "moco_v2_64": moco_v2(64), "eval_ten_crop": eval_spec(16, True)}[
+        spec_name
+    ]
+    idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+
+    def render(kernel: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(G, "CPU_KERNEL", kernel)
+        gen = torch.Generator().manual_seed(11)
+        views = G.PixelAugmenter(spec, pixels, offsets, H, W, torch.float32, gen).augment(idx)
+        return [*views, torch.rand(1, generator=gen)]  # the generator ends in the same state
+
+    fast, ref = render(True), render(False)
+    assert len(fast) == len(ref) == spec.num_outputs + 1
+    for a, b in zip(fast, ref):
+        assert a.shape == b.shape and (a.dim() != 4 or a.is_contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -5,7 +5,9 @@
 
 * device  — the whole store on the training device (GPU when it fits with headroom; on CPU the
             memory-mapped file itself, paged in by the OS). A batch is then a pure device function of
-            its indices (`augment`), with no host work and no sync.
+            its indices (`augment`), with no host work and no sync. On CPU the same draws are rendered
+            by gpu_aug's per-sample numba kernel over torch.get_num_threads() threads when numba is
+            installed (same pixels to float rounding; a batch then costs ~1/10 of the batched ops).
 * host    — the store does not fit the GPU: it stays in (pinned, if `pin_host`) host memory; a worker
             thread gathers the next batch's images into a pinned staging buffer and copies them to a
             device buffer on a side stream one batch ahead; the same resampling runs on that buffer.

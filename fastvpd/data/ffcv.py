@@ -1,5 +1,6 @@
 """The `ffcv` backend: FFCV decodes + crops + flips in JIT-compiled host threads; the rest of the spec
-(jitter, grayscale, blur, normalise) runs batched on the device with the same `gpu_aug` ops as `cache`.
+(jitter, grayscale, blur, normalise) runs batched on the device with the same `gpu_aug` ops as `cache`
+(on CPU with numba: gpu_aug's per-sample kernel, `render_cpu_images`, same draws and pixels).
 
 Two views: the image field is decoded twice per sample, by two pipelines over the same field
 (`pipelines={'image': ..., 'image2': PipelineSpec('image', decoder=...)}`): each decode draws its own
@@ -153,6 +154,18 @@ class FFCVLoader(LoaderBase):
         for k, out in enumerate(self.loader):
             named = dict(zip(self._names, out))
             self.gen.manual_seed(self.step_seed(self.start_step + k))
+            if G.cpu_kernel_ok(self.device, self.spec.views):
+                # CPU: one fused pass per sample (numba); draws as below. It copies out of FFCV's buffer.
+                images = [named[key] for key in self._image_keys]
+                params = [
+                    G.sample_photometric(view, x.shape[0], self.gen, self.device)
+                    for view, x in zip(self.spec.views, images)
+                ]
+                views = G.render_cpu_images(images, list(self.spec.views), params, self._norm, self.dtype)
+                labels = named["label"].to(torch.int64, copy=True)
+                indices = named["index"].to(torch.int64, copy=True)
+                yield Batch(views, labels, indices)
+                continue
             views = []
             for vi, view in enumerate(self.spec.views):
                 # .to(float32) copies out of FFCV's ring buffer, which it reuses batches_ahead later

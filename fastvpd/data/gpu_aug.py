@@ -8,13 +8,21 @@ Geometry: crop + resize + flip are one bilinear resampling straight from a ragge
 (`pixels[P, 3]` uint8, image i at rows offsets[i] .. offsets[i] + h*w); it reproduces
 `torchvision.transforms.functional.resized_crop(..., antialias=False)` (PyTorch's align_corners=False
 bilinear on the crop). Photometric ops follow `torchvision.transforms.functional` on float images.
+
+On CPU (where graph capture is moot) two faster renderings give the same pixels up to float rounding:
+with numba installed, `render_cpu` runs the whole view per sample in one nogil kernel over host threads
+(the CPU default of `PixelAugmenter`, and of the ffcv backend's finishing ops); without it, the torch ops
+take a `subset` form that applies each random op only to the samples drawn for it.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -285,12 +293,27 @@ def sample_photometric(
     return p
 
 
-def color_jitter(x: Tensor, factors: Tensor, order: Tensor, on: Tensor) -> Tensor:
+def color_jitter(x: Tensor, factors: Tensor, order: Tensor, on: Tensor, subset: bool | None = None) -> Tensor:
     """torchvision ColorJitter with per-sample factors and per-sample op order; identity where not `on`.
 
-    Brightness/contrast/saturation are blends (identity at factor 1), so each step is one blend with a
-    per-sample reference; hue is evaluated for the whole batch at each step and selected with `where`.
+    Fixed-shape form (GPU default, capturable): brightness/contrast/saturation are blends (identity at
+    factor 1), so each step is one blend with a per-sample reference; hue is evaluated for the whole
+    batch at each step and selected with `where`. `subset` form (CPU default): each step applies each
+    op only to the samples drawn for it (data-dependent shapes, a host sync), so hue runs once per
+    jittered sample instead of four times per sample. Both give the same pixels.
     """
+    if subset is None:
+        subset = x.device.type == "cpu"
+    if subset:
+        x = x.clone()
+        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        for step in range(4):
+            op = order[:, step]
+            for code, fn in enumerate(ops):
+                sel = (on & (op == code)).nonzero()[:, 0]
+                if sel.numel():
+                    x[sel] = fn(x[sel], factors[sel, code])
+        return x
     for step in range(4):
         op = order[:, step]
         gray = rgb_to_gray(x)
@@ -305,15 +328,26 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor, on: Tensor) -> Tenso
     return x
 
 
-def photometric(x: Tensor, view: ViewSpec, p: Photometric) -> Tensor:
-    """Jitter -> grayscale -> blur on float [B, 3, H, W] in [0, 1] (the MoCo v2 order)."""
+def photometric(x: Tensor, view: ViewSpec, p: Photometric, subset: bool | None = None) -> Tensor:
+    """Jitter -> grayscale -> blur on float [B, 3, H, W] in [0, 1] (the MoCo v2 order).
+
+    `subset` (CPU default) blurs only the samples drawn for it; see `color_jitter`.
+    """
+    if subset is None:
+        subset = x.device.type == "cpu"
     if p.jitter_on is not None:
-        x = color_jitter(x, p.factors, p.order, p.jitter_on)  # type: ignore[arg-type]
+        x = color_jitter(x, p.factors, p.order, p.jitter_on, subset)  # type: ignore[arg-type]
     if p.gray_on is not None:
         x = torch.where(p.gray_on.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
     if p.blur_on is not None and view.blur is not None:
         k = view.blur.kernel_size(x.shape[-1])
-        x = torch.where(p.blur_on.view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, k), x)  # type: ignore[arg-type]
+        if subset:
+            sel = p.blur_on.nonzero()[:, 0]
+            if sel.numel():
+                x = x.clone()
+                x[sel] = gaussian_blur(x[sel], p.sigma[sel], k)  # type: ignore[index]
+        else:
+            x = torch.where(p.blur_on.view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, k), x)  # type: ignore[arg-type]
     return x
 
 
@@ -376,6 +410,8 @@ class PixelAugmenter:
         """Views of the H x W images starting at flat rows `base` of `pixels` (store or staged batch)."""
         outs: list[Tensor] = []
         b = base.shape[0]
+        if cpu_kernel_ok(pixels.device, self.spec.views):
+            return self._render_cpu(pixels, base, H, W)
         for vi, view in enumerate(self.spec.views):
             mean, std = self._norm[vi]
             for ys, xs in self._geometry(view, H, W):
@@ -388,6 +424,18 @@ class PixelAugmenter:
                 outs.append(normalize(x, mean, std, self.dtype))
         return outs
 
+    def _render_cpu(self, pixels: Tensor, base: Tensor, H: Tensor, W: Tensor) -> list[Tensor]:
+        """`render` through the numba kernel: the same generator draws, in the same order, per view."""
+        b = base.shape[0]
+        views: list[CPUView] = []
+        for vi, view in enumerate(self.spec.views):
+            mean, std = self._norm[vi]
+            geoms = self._geometry(view, H, W)
+            for ys, xs in geoms:
+                ph = sample_photometric(view, b, self.gen, self.device)
+                views.append(CPUView(ys, xs, view, ph, mean, std))
+        return render_cpu(pixels, base, W, views, self.dtype)
+
     def _geometry(self, view: ViewSpec, H: Tensor, W: Tensor) -> list[tuple[AxisMap, AxisMap]]:
         if isinstance(view.crop, RandomResizedCrop):
             t, l, ch, cw = sample_rrc(H, W, view.crop, self.gen)
@@ -396,3 +444,340 @@ class PixelAugmenter:
                 flip = torch.rand(H.shape[0], generator=self.gen, device=H.device) < view.hflip_p
             return [rrc_maps(t, l, ch, cw, view.res, flip)]
         return [eval_maps(H, W, box, view.res) for box in resize_center_boxes(H, W, view.crop)]
+
+
+# ------------------------------------------------------------------------------- CPU fast path (numba)
+# On CPU the batched ops above stream every intermediate of the whole batch through memory and evaluate
+# hue for every sample at each of the four jitter positions. When numba is installed (the ffcv extra),
+# the CPU path instead renders one sample at a time in cache-resident buffers, applying each op only
+# where its draw says so, in nogil kernels spread over torch.get_num_threads() host threads. The draws
+# are the same generator calls as the batched path and every op is the same float32 formula, so both
+# paths give the same pixels up to float rounding (tests/test_gpu_aug.py checks one against the other).
+try:
+    import numba as _nb
+except Exception:  # not installed (it comes with the ffcv extra) or a broken build: batched torch path
+    _nb = None
+
+_F0, _F1, _FH = np.float32(0.0), np.float32(1.0), np.float32(0.5)
+_F2, _F4, _F6 = np.float32(2.0), np.float32(4.0), np.float32(6.0)
+_F5, _F3 = np.float32(5.0), np.float32(3.0)
+_F16 = np.float32(1.0 / 6.0)
+_INV255 = np.float32(1.0 / 255.0)
+_GW0, _GW1, _GW2 = (np.float32(w) for w in _GRAY_W)
+CPU_KERNEL = _nb is not None and os.environ.get("FASTVPD_CPU_KERNEL", "1") != "0"
+
+if _nb is not None:
+
+    @_nb.njit(inline="always", cache=True)
+    def _lerp(a, b, w):  # noqa: ANN001, ANN202 - torch.lerp's formula
+        if abs(w) < _FH:
+            return a + w * (b - a)
+        return b - (b - a) * (_F1 - w)
+
+    @_nb.njit(inline="always", cache=True)
+    def _clamp01(v):  # noqa: ANN001, ANN202
+        return min(max(v, _F0), _F1)
+
+    @_nb.njit(inline="always", cache=True)
+    def _gray(r, g, b):  # noqa: ANN001, ANN202
+        return r * _GW0 + g * _GW1 + b * _GW2
+
+    @_nb.njit(inline="always", cache=True)
+    def _rem(a, m):  # noqa: ANN001, ANN202 - torch.remainder
+        return a - np.floor(a / m) * m
+
+    @_nb.njit(inline="always", cache=True)
+    def _rem6(a):  # noqa: ANN001, ANN202 - torch.remainder(a, 6) with a reciprocal (same up to an ulp)
+        return a - np.floor(a * _F16) * _F6
+
+    @_nb.njit(inline="always", cache=True)
+    def _hue_px(r, g, b, f):  # noqa: ANN001, ANN202
+        """adjust_hue of one pixel: rgb_to_hsv, shift, closed-form hsv_to_rgb (same formulas as above)."""
+        maxc = max(r, max(g, b))
+        minc = min(r, min(g, b))
+        eqc = maxc == minc
+        cr = maxc - minc
+        s = cr / (_F1 if eqc else maxc)
+        crd = _F1 if eqc else cr
+        inv = _F1 / crd  # reciprocals instead of 6 more divisions: within an ulp, and hue is the hot op
+        rc = (maxc - r) * inv
+        gc = (maxc - g) * inv
+        bc = (maxc - b) * inv
+        if maxc == r:
+            h = bc - gc
+        elif maxc == g:
+            h = _F2 + rc - bc
+        else:
+            h = _F4 + gc - rc
+        h = h * _F16 + _F1  # in [5/6, 11/6): fmod(h, 1) is exactly this select (no libm call)
+        h = h - _F1 if h >= _F1 else h
+        h6 = _rem(h + f, _F1) * _F6
+        vs = maxc * s
+        k = _rem6(_F5 + h6)
+        r2 = maxc - vs * min(max(min(k, _F4 - k), _F0), _F1)
+        k = _rem6(_F3 + h6)
+        g2 = maxc - vs * min(max(min(k, _F4 - k), _F0), _F1)
+        k = _rem6(_F1 + h6)
+        b2 = maxc - vs * min(max(min(k, _F4 - k), _F0), _F1)
+        return r2, g2, b2
+
+    @_nb.njit(nogil=True, cache=True, fastmath={"nsz", "contract"})
+    def _hue_pass(img, f):  # noqa: ANN001, ANN202
+        """adjust_hue over one image [n, 3] in place (no NaNs/infs can occur: safe to relax signed zeros)."""
+        for q in range(img.shape[0]):
+            img[q, 0], img[q, 1], img[q, 2] = _hue_px(img[q, 0], img[q, 1], img[q, 2], f)
+
+    @_nb.njit(nogil=True, cache=True)
+    def _render_rows(  # noqa: ANN202, PLR0913
+        pixels,
+        base,
+        width,
+        y0,
+        y1,
+        fy,
+        x0,
+        x1,
+        fx,
+        jit_on,
+        factors,
+        order,
+        gray_on,
+        blur_on,
+        kernels,
+        mean,
+        std,
+        out,
+        lo,
+        hi,
+    ):  # noqa: ANN001
+        """Samples lo..hi of one view: resample -> jitter (per-sample order) -> grey -> blur -> normalise."""
+        R = out.shape[1]
+        n = R * R
+        img = np.empty((n, 3), np.float32)
+        tmp = np.empty((R, R * 3), np.float32)
+        k = kernels.shape[1]
+        p = k // 2
+        row = np.empty((R + 2 * p) * 3, np.float32)
+        hrow = np.empty((2, R * 3), np.float32)
+        tags = np.full(2, -1, np.int64)
+        flat = img.reshape(n * 3)
+        for bi in range(lo, hi):
+            b0 = base[bi]
+            w = width[bi]
+            # separable as torch evaluates it: lerp along x within the two source rows, then along y;
+            # the x-lerped source rows are kept (two slots), since neighbouring output rows share them
+            tags[0] = -1
+            tags[1] = -1
+            for i in range(R):
+                r0 = b0 + y0[bi, i] * w
+                r1 = b0 + y1[bi, i] * w
+                s0 = 0 if tags[0] == r0 else (1 if tags[1] == r0 else -1)
+                s1 = 0 if tags[0] == r1 else (1 if tags[1] == r1 else -1)
+                for want in range(2):
+                    if want == 0 and s0 < 0:
+                        s0 = 1 if s1 == 0 else 0
+                        slot, src = s0, r0
+                    elif want == 1 and s1 < 0:
+                        s1 = 1 if s0 == 0 else 0
+                        slot, src = s1, r1
+                    else:
+                        continue
+                    tags[slot] = src
+                    for j in range(R):
+                        c0 = src + x0[bi, j]
+                        c1 = src + x1[bi, j]
+                        wx = fx[bi, j]
+                        for c in range(3):
+                            hrow[slot, j * 3 + c] = _lerp(
+                                np.float32(pixels[c0, c]), np.float32(pixels[c1, c]), wx
+                            )
+                wy = fy[bi, i]
+                o = i * R * 3
+                for q in range(R * 3):
+                    flat[o + q] = _lerp(hrow[s0, q], hrow[s1, q], wy) * _INV255
+            if jit_on[bi]:
+                for step in range(4):
+                    op = order[bi, step]
+                    f = factors[bi, op]
+                    if op == 0:  # brightness: blend with black
+                        for q in range(n):
+                            for c in range(3):
+                                img[q, c] = _clamp01(f * img[q, c])
+                    elif op == 1:  # contrast: blend with the mean grey level
+                        acc = 0.0
+                        for q in range(n):
+                            acc += _gray(img[q, 0], img[q, 1], img[q, 2])
+                        ref = np.float32(acc / n)
+                        for q in range(n):
+                            for c in range(3):
+                                img[q, c] = _clamp01(f * img[q, c] + (_F1 - f) * ref)
+                    elif op == 2:  # saturation: blend with the pixel's grey
+                        for q in range(n):
+                            ref = _gray(img[q, 0], img[q, 1], img[q, 2])
+                            for c in range(3):
+                                img[q, c] = _clamp01(f * img[q, c] + (_F1 - f) * ref)
+                    else:
+                        _hue_pass(img, f)
+            if gray_on[bi]:
+                for q in range(n):
+                    ref = _gray(img[q, 0], img[q, 1], img[q, 2])
+                    img[q, 0] = ref
+                    img[q, 1] = ref
+                    img[q, 2] = ref
+            if blur_on[bi]:  # separable, reflect padding; rows (H) first, then columns, as gaussian_blur
+                kern = kernels[bi]
+                img2 = img.reshape(R, R * 3)
+                for i in range(R):
+                    for q in range(R * 3):
+                        tmp[i, q] = _F0
+                    for t in range(k):
+                        si = i + t - p
+                        si = -si if si < 0 else (2 * (R - 1) - si if si >= R else si)
+                        wt = kern[t]
+                        for q in range(R * 3):
+                            tmp[i, q] += wt * img2[si, q]
+                for i in range(R):
+                    for j in range(R + 2 * p):  # the row, reflect-padded, so the taps need no branches
+                        sj = j - p
+                        sj = -sj if sj < 0 else (2 * (R - 1) - sj if sj >= R else sj)
+                        for c in range(3):
+                            row[j * 3 + c] = tmp[i, sj * 3 + c]
+                    for q in range(R * 3):  # every tap is one contiguous (vectorisable) row update
+                        img2[i, q] = _F0
+                    for t in range(k):
+                        wt = kern[t]
+                        sh = t * 3
+                        for q in range(R * 3):
+                            img2[i, q] += wt * row[q + sh]
+            o = out[bi].reshape(n, 3)
+            for q in range(n):
+                for c in range(3):
+                    o[q, c] = (img[q, c] - mean[c]) / std[c]
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a fresh pool there if one is needed."""
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE != threads:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastvpd-cpu-aug")
+        _POOL_SIZE = threads
+    return _POOL
+
+
+@dataclass
+class CPUView:
+    """One view's resampling maps, photometric draws and normalisation, ready for the CPU kernel."""
+
+    ys: AxisMap
+    xs: AxisMap
+    view: ViewSpec
+    params: Photometric
+    mean: Tensor
+    std: Tensor
+
+
+def cpu_kernel_ok(device: torch.device, views: list[ViewSpec] | tuple[ViewSpec, ...]) -> bool:
+    """Whether the numba CPU path can render these views here (CPU, numba present, no AutoAugment)."""
+    return CPU_KERNEL and device.type == "cpu" and not any(v.autoaugment for v in views)
+
+
+def identity_maps(b: int, res: int) -> tuple[AxisMap, AxisMap]:
+    """Axis maps that copy a res x res image unchanged (for batches already cropped, e.g. by FFCV)."""
+    i = torch.arange(res).expand(b, res).contiguous()
+    z = torch.zeros(b, res)
+    return AxisMap(i, i, z), AxisMap(i, i, z)
+
+
+def render_cpu_images(
+    images: Tensor, views: list[ViewSpec], params: list[Photometric], norms: list, dtype: torch.dtype
+) -> list[Tensor]:
+    """Photometric ops + normalise of already-cropped uint8 views through the CPU kernel.
+
+    images[v] is uint8 [B, 3, R, R] channels-last (HWC memory) on the CPU; same results as
+    `photometric(x / 255)` + `normalize`, up to float rounding.
+    """
+    outs = []
+    for x, view, ph, (mean, std) in zip(images, views, params, norms):
+        b, res = x.shape[0], x.shape[-1]
+        hwc = x.permute(0, 2, 3, 1).contiguous()  # a view when x is channels-last
+        ys, xs = identity_maps(b, res)
+        base = torch.arange(b, dtype=torch.int64) * (res * res)
+        width = torch.full((b,), res, dtype=torch.int64)
+        outs += render_cpu(hwc.view(-1, 3), base, width, [CPUView(ys, xs, view, ph, mean, std)], dtype)
+    return outs
+
+
+def render_cpu(
+    pixels: Tensor, base: Tensor, width: Tensor, views: list[CPUView], dtype: torch.dtype
+) -> list[Tensor]:
+    """Render views with the numba kernel: float32 [B, 3, R, R] channels-last each, cast to `dtype`.
+
+    `pixels` is a uint8 [P, 3] store (or a batch of HWC images seen as one) on the CPU; the work is split
+    into sample chunks over torch.get_num_threads() threads (the kernels release the GIL).
+    """
+    pix = pixels.numpy()
+    b = int(base.shape[0])
+    bn = base.numpy()
+    wn = width.to(torch.int64).numpy()
+    jobs = []
+    outs = []
+    for cv in views:
+        res = cv.ys.i0.shape[1]
+        p = cv.params
+        out = torch.empty((b, res, res, 3), dtype=torch.float32)
+        none = torch.zeros(b, dtype=torch.bool)
+        jit_on = p.jitter_on if p.jitter_on is not None else none
+        factors = p.factors if p.factors is not None else torch.ones(b, 4)
+        order = p.order if p.order is not None else torch.zeros(b, 4, dtype=torch.int64)
+        gray_on = p.gray_on if p.gray_on is not None else none
+        if p.blur_on is not None and cv.view.blur is not None:
+            blur_on = p.blur_on
+            kernels = gaussian_kernels(p.sigma, cv.view.blur.kernel_size(res))  # type: ignore[arg-type]
+        else:
+            blur_on, kernels = none, torch.ones(b, 1)
+        args = (
+            pix,
+            bn,
+            wn,
+            cv.ys.i0.numpy(),
+            cv.ys.i1.numpy(),
+            cv.ys.frac.to(torch.float32).numpy(),
+            cv.xs.i0.numpy(),
+            cv.xs.i1.numpy(),
+            cv.xs.frac.to(torch.float32).numpy(),
+            jit_on.numpy(),
+            factors.to(torch.float32).contiguous().numpy(),
+            order.contiguous().numpy(),
+            gray_on.numpy(),
+            blur_on.numpy(),
+            kernels.to(torch.float32).contiguous().numpy(),
+            cv.mean.to(torch.float32).numpy(),
+            cv.std.to(torch.float32).numpy(),
+            out.numpy(),
+        )
+        jobs.append(args)
+        outs.append(out)
+    threads = max(1, torch.get_num_threads())
+    chunk = max(1, -(-b // (8 * threads)))  # small chunks: balances blur/jitter-heavy samples
+    tasks = [(a, lo, min(b, lo + chunk)) for a in jobs for lo in range(0, b, chunk)]
+    if threads == 1 or len(tasks) == 1:
+        for a, lo, hi in tasks:
+            _render_rows(*a, lo, hi)
+    else:
+        for f in [_pool(threads).submit(_render_rows, *a, lo, hi) for a, lo, hi in tasks]:
+            f.result()
+    return [o.permute(0, 3, 1, 2).to(dtype=dtype, memory_format=torch.channels_last) for o in outs]
