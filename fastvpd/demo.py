@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -209,14 +210,12 @@ def main(argv: list[str] | None = None) -> Path:
         json.dumps({m: [r.__dict__ for r in rs] for m, rs in rows.items()} | {"machine": machine}, indent=2)
     )
     _chart(rows, pre_dirs, out / "results.png")
-    if args.readme:
+    if args.readme:  # the chart travels with the README (runs/ is not part of the repository)
         readme = Path(args.readme)
-        chart = out / "results.png"
-        try:
-            rel = str(chart.resolve().relative_to(readme.resolve().parent))
-        except ValueError:
-            rel = None
-        update_readme(readme, table, rel)
+        chart = readme.resolve().parent / "docs" / "demo_results.png"
+        chart.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "results.png", chart)
+        update_readme(readme, table, "docs/demo_results.png")
     _banner(f"done in {time.perf_counter() - t0:.0f} s")
     print(table)
     print(f"\nresults: {out / 'results.md'}  ·  {out / 'results.json'}  ·  chart: {out / 'results.png'}")
