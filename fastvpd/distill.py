@@ -241,24 +241,7 @@ def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
 def main(argv: list[str] | None = None) -> Path:
     """Run (or resume) a distillation / fine-tuning / from-scratch run; returns the run directory."""
     cfg = config.load(config.DistillRun, argv)
-    info = dist.init(cfg.train.device)
-    say = print if info.is_main else (lambda *_: None)
-    try:
-        task, loader, schedule = build(cfg, say)
-        say(
-            f"distill: {len(loader)} steps/epoch x {cfg.train.epochs} epochs, "
-            f"global batch {cfg.train.batch_size} on {info.world_size} x {info.device.type}, "
-            f"out {cfg.train.out_dir}"
-        )
-        result = engine.fit(cfg, task, loader, schedule, eval_every=cfg.eval.every, best_key="val_top1")
-        say(
-            f"distill: {result.stopped} at step {result.global_step}; "
-            + (f"val top-1 {result.eval['val_top1']:.2f}%, " if "val_top1" in result.eval else "")
-            + f"last checkpoint {result.last_checkpoint}"
-        )
-        return result.run_dir
-    finally:
-        dist.shutdown()
+    return engine.launch("distill", cfg, build, eval_every=cfg.eval.every, best_key="val_top1").run_dir
 
 
 if __name__ == "__main__":

@@ -309,3 +309,34 @@ def fit(
     if stopped == "done" and limit < total:  # resumed at (or past) train.max_steps
         stopped = "max_steps"
     return FitResult(run_dir, g, epoch, stopped, last_ckpt, last_eval)
+
+
+def launch(
+    name: str,
+    cfg: Any,
+    build: Callable[[Any, Callable[..., None]], tuple[Task, Any, Callable[[int], float]]],
+    eval_every: int,
+    best_key: str,
+) -> FitResult:
+    """The shared body of every entry point: init processes, build, say what runs, fit, shut down.
+
+    `build(cfg, say) -> (task, loader, schedule)`; `say` prints on rank 0 only. Returns fit's result
+    with a one-line summary already printed.
+    """
+    info = dist.init(cfg.train.device)
+    say = print if info.is_main else (lambda *_: None)
+    try:
+        task, loader, schedule = build(cfg, say)
+        say(
+            f"{name}: {cfg.model.arch}, {len(loader)} steps/epoch x {cfg.train.epochs} epochs, "
+            f"global batch {cfg.train.batch_size} on {info.world_size} x {info.device.type}, "
+            f"out {cfg.train.out_dir}"
+        )
+        result = fit(cfg, task, loader, schedule, eval_every=eval_every, best_key=best_key)
+        label = best_key.replace("_", " ").replace("top1", "top-1")  # val_top1 -> "val top-1"
+        best = f"{label} {result.eval[best_key]:.2f}%, " if best_key in result.eval else ""
+        done = f"{name}: {result.stopped} at step {result.global_step}"
+        say(f"{done}; {best}checkpoint {result.last_checkpoint}")
+        return result
+    finally:
+        dist.shutdown()

@@ -192,24 +192,7 @@ def build(cfg: Any, say: Any = print) -> tuple[LinearTask, Any, Any]:
 def main(argv: list[str] | None = None) -> Path:
     """Run (or resume) a linear probe; returns the run directory."""
     cfg = config.load(config.LinearRun, argv)
-    info = dist.init(cfg.train.device)
-    say = print if info.is_main else (lambda *_: None)
-    try:
-        task, loader, schedule = build(cfg, say)
-        say(
-            f"linear: {len(loader)} steps/epoch x {cfg.train.epochs} epochs, "
-            f"global batch {cfg.train.batch_size} on {info.world_size} x {info.device.type}, "
-            f"out {cfg.train.out_dir}"
-        )
-        result = engine.fit(cfg, task, loader, schedule, eval_every=cfg.eval.every, best_key="val_top1")
-        if "val_top1" in result.eval:
-            say(f"linear: val top-1 {result.eval['val_top1']:.2f}% (top-5 {result.eval['val_top5']:.2f}%)")
-        say(
-            f"linear: {result.stopped} at step {result.global_step}; last checkpoint {result.last_checkpoint}"
-        )
-        return result.run_dir
-    finally:
-        dist.shutdown()
+    return engine.launch("linear", cfg, build, eval_every=cfg.eval.every, best_key="val_top1").run_dir
 
 
 if __name__ == "__main__":

@@ -200,20 +200,7 @@ def _schedule(step: int, steps_per_epoch: int, optim_cfg: Any, base: float, epoc
 def main(argv: list[str] | None = None) -> Path:
     """Run (or resume) a pretraining; returns the run directory."""
     cfg = config.load(config.PretrainRun, argv)
-    info = dist.init(cfg.train.device)
-    say = print if info.is_main else (lambda *_: None)
-    try:
-        task, loader, schedule = build(cfg, say)
-        say(
-            f"pretrain: {cfg.model.arch}, {len(loader)} steps/epoch x {cfg.train.epochs} epochs, "
-            f"global batch {cfg.train.batch_size} on {info.world_size} x {info.device.type}, "
-            f"out {cfg.train.out_dir}"
-        )
-        result = engine.fit(cfg, task, loader, schedule, eval_every=cfg.eval.knn_every, best_key="knn_top1")
-        say(f"pretrain: {result.stopped} at step {result.global_step}; checkpoint {result.last_checkpoint}")
-        return result.run_dir
-    finally:
-        dist.shutdown()
+    return engine.launch("pretrain", cfg, build, eval_every=cfg.eval.knn_every, best_key="knn_top1").run_dir
 
 
 if __name__ == "__main__":

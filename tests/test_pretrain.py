@@ -125,6 +125,7 @@ def test_three_epochs_learn(digits_converted: Path, tmp_path: Path) -> None:
             f"data.root={digits_converted}",
             f"train.out_dir={tmp_path}",
             "train.epochs=3",
+            "log.every=3",
             "eval.knn_every=3",
             "log.progress=false",
             "log.tensorboard=false",
@@ -134,6 +135,7 @@ def test_three_epochs_learn(digits_converted: Path, tmp_path: Path) -> None:
     rows = _metrics(run)
     losses = [r["loss"] for r in rows if "loss" in r]
     knn = [r["knn_top1"] for r in rows if "knn_top1" in r]
-    assert len(losses) == 7 and all(math.isfinite(x) for x in losses), losses
+    # one log row every 3 steps plus one at each epoch end
+    assert len(losses) >= 7 and all(math.isfinite(x) for x in losses), losses
     assert max(losses) < math.log(256) + 0.4 / 0.2 + 0.5, losses  # below the collapse value (+ slack)
     assert knn and knn[-1] > 50.0, knn
