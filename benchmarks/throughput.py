@@ -670,6 +670,15 @@ def section_distill(opts: Options, device: torch.device) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- report
 # (section key, title, [(column title, row key, format)]) — the order the report shows them in.
 Column = tuple[str, str, str]
+STEP_COLUMNS: tuple[Column, ...] = (  # the MoCo and the distillation ladders share their columns
+    ("rung", "name", "s"),
+    ("samples/s", "samples_s", ".1f"),
+    ("ms/step", "ms_per_step", ".2f"),
+    ("speed-up", "speedup", ".2fx"),
+    ("peak GiB", "peak_mem_gib", ".2f"),
+    ("MFU %", "mfu_pct", ".1f"),
+    ("GFLOP/s", "gflops", ".1f"),
+)
 TABLES: tuple[tuple[str, str, tuple[Column, ...]], ...] = (
     (
         "loaders",
@@ -687,28 +696,12 @@ TABLES: tuple[tuple[str, str, tuple[Column, ...]], ...] = (
     (
         "steps",
         "MoCo step ladder (device-resident inputs)",
-        (
-            ("rung", "name", "s"),
-            ("samples/s", "samples_s", ".1f"),
-            ("ms/step", "ms_per_step", ".2f"),
-            ("speed-up", "speedup", ".2fx"),
-            ("peak GiB", "peak_mem_gib", ".2f"),
-            ("MFU %", "mfu_pct", ".1f"),
-            ("GFLOP/s", "gflops", ".1f"),
-        ),
+        STEP_COLUMNS,
     ),
     (
         "distill",
         "Distillation step ladder (teacher fwd + student fwd/bwd + connectors)",
-        (
-            ("rung", "name", "s"),
-            ("samples/s", "samples_s", ".1f"),
-            ("ms/step", "ms_per_step", ".2f"),
-            ("speed-up", "speedup", ".2fx"),
-            ("peak GiB", "peak_mem_gib", ".2f"),
-            ("MFU %", "mfu_pct", ".1f"),
-            ("GFLOP/s", "gflops", ".1f"),
-        ),
+        STEP_COLUMNS,
     ),
     (
         "e2e",
