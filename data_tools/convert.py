@@ -383,14 +383,18 @@ def write_files_txt(split_dir: Path, sp: Split) -> list[Path]:
 
 
 def write_dali(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
-    """WebDataset shards (<key>.jpg, <key>.cls; key = zero-padded sample index) + DALI v1.2 index files.
+    """WebDataset shards (<key>.jpg, <key>.cls; key = zero-padded sample index, members in a fixed random
+    order) + DALI v1.2 index files.
 
     Old shards stay untouched until every new shard is written (a failed rebuild leaves them usable)."""
     wds = split_dir / "wds"
     wds.mkdir(parents=True, exist_ok=True)
     old_files = set(wds.glob("*.tar")) | set(wds.glob("*.idx"))
     n, size = len(sp.good), o["shard_size"]
-    jobs = [(s.abspath, s.copy, o["jpeg_quality"]) for s in sp.good]
+    # Members in a fixed random order, not class-sorted: DALI's buffer shuffle (initial_fill) then mixes
+    # classes on a large set too. Keys stay the sample indices, so readers lose nothing.
+    order = np.random.default_rng(0).permutation(n)
+    jobs = [(sp.good[j].abspath, sp.good[j].copy, o["jpeg_quality"]) for j in order]
     payloads = _imap(_wds_job, jobs, o["workers"], f"dali {sp.name}", o["progress"])
     written: list[tuple[Path, Path]] = []
     try:
@@ -404,7 +408,7 @@ def write_dali(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
                 open(_tmp(tar_path), "wb") as f,
                 tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
             ):
-                for i in range(start, stop):
+                for i in (int(j) for j in order[start:stop]):
                     key = f"{i:08d}"
                     parts = []
                     for ext, data in (("jpg", next(payloads)), ("cls", str(sp.good[i].label).encode())):
