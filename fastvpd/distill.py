@@ -40,8 +40,7 @@ from fastvpd.classifier import (
     read_state,
 )
 from fastvpd.config import UserError
-from fastvpd.data import build_loader, from_config
-from fastvpd.optim import base_lr, build_sgd, lr_at
+from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
 
 
@@ -194,25 +193,9 @@ def _route_through_ddp(net: DistillNet, device: torch.device) -> None:
 
 def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
     """Everything `fit` needs: (task, train loader, schedule)."""
-    info = dist.info()
-    setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
-    if cfg.train.batch_size % info.world_size:
-        raise config.ConfigError(
-            f"train.batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes"
-        )
-    per_rank = cfg.train.batch_size // info.world_size
-    precision = Precision(cfg.train.amp, info.device)
-    dtype = precision.dtype or torch.float32
-    loader = build_loader(
-        cfg.data, from_config(cfg.aug, train=True), cfg.data.train_split, per_rank, info.device, dtype,
-        cfg.train.seed, info.rank, info.world_size, train=True,
-    )  # fmt: skip
-    val_loader = None
-    if info.is_main and cfg.eval.every > 0:
-        spec = from_config(cfg.aug, train=False)
-        val_loader = build_loader(
-            cfg.data, spec, cfg.data.val_split, per_rank, info.device, dtype, cfg.train.seed, train=False
-        )
+    prep = engine.prepare(cfg)
+    info, precision, loader = prep.info, prep.precision, prep.loader
+    val_loader = prep.eval_loader(cfg, cfg.data.val_split) if info.is_main and cfg.eval.every > 0 else None
     from fastvpd.data.manifest import Manifest
 
     classes = Manifest.load(cfg.data.root).classes
@@ -231,10 +214,7 @@ def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
     if info.distributed:
         _route_through_ddp(net, info.device)
     task = DistillTask(cfg, net, optimizer, precision, lr, loader, val_loader, classes, say)
-    schedule = functools.partial(
-        lr_at, steps_per_epoch=len(loader), optim_cfg=cfg.optim, base_lr=lr, epochs=cfg.train.epochs
-    )
-    return task, loader, schedule
+    return task, loader, engine.schedule_for(cfg, loader, lr)
 
 
 @config.main_guard

@@ -23,6 +23,7 @@ file; never = fresh, refused when <out_dir>/checkpoints already holds checkpoint
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import threading
@@ -36,8 +37,10 @@ import torch
 
 from fastvpd import checkpoint, config, dist
 from fastvpd.config import UserError
+from fastvpd.data import build_loader, from_config
 from fastvpd.log import RunLogger
-from fastvpd.step import DeviceMeters, rng_state, set_rng_state
+from fastvpd.optim import lr_at
+from fastvpd.step import DeviceMeters, Precision, rng_state, set_rng_state, setup_backends
 
 # config keys that may change between a run and its resumption without a warning
 _VOLATILE = (
@@ -340,3 +343,47 @@ def launch(
         return result
     finally:
         dist.shutdown()
+
+
+@dataclass
+class Prepared:
+    """What every trainer's `build` starts from (see `prepare`)."""
+
+    info: Any  # dist.DistInfo
+    precision: Precision
+    dtype: torch.dtype
+    per_rank: int
+    loader: Any  # the training loader (this rank's shard)
+
+    def eval_loader(self, cfg: Any, split: str) -> Any:
+        """A deterministic evaluation loader of `split` with this run's batch, device and dtype."""
+        spec = from_config(cfg.aug, train=False)
+        return build_loader(
+            cfg.data, spec, split, self.per_rank, self.info.device, self.dtype, cfg.train.seed, train=False
+        )
+
+
+def prepare(cfg: Any) -> Prepared:
+    """The prologue shared by pretrain/distill/linear: seeds and kernels, the per-rank batch, precision,
+    and the training loader (its augmentation recipe from `cfg.aug`)."""
+    info = dist.info()
+    setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
+    if cfg.train.batch_size % info.world_size:
+        raise config.ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes"
+        )
+    per_rank = cfg.train.batch_size // info.world_size
+    precision = Precision(cfg.train.amp, info.device)
+    dtype = precision.dtype or torch.float32
+    loader = build_loader(
+        cfg.data, from_config(cfg.aug, train=True), cfg.data.train_split, per_rank, info.device, dtype,
+        cfg.train.seed, info.rank, info.world_size, train=True,
+    )  # fmt: skip
+    return Prepared(info, precision, dtype, per_rank, loader)
+
+
+def schedule_for(cfg: Any, loader: Any, base: float) -> Callable[[int], float]:
+    """The learning rate of each global step, from `cfg.optim` over the run's length."""
+    return functools.partial(
+        lr_at, steps_per_epoch=len(loader), optim_cfg=cfg.optim, base_lr=base, epochs=cfg.train.epochs
+    )

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastvpd import config, dist, engine
-from fastvpd.data import build_loader, from_config
 from fastvpd.knn import knn_accuracy
 from fastvpd.moco import MoCo
-from fastvpd.optim import base_lr, build_sgd, lr_at
+from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import MOCO_METRICS, DeviceMeters, GraphedStep, Precision, moco_step, pin_lr, setup_backends
 
 
@@ -129,33 +128,12 @@ def _route_query_through_ddp(model: MoCo, device: torch.device) -> None:
 
 def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
     """Everything `fit` needs: (task, train loader, schedule)."""
-    info = dist.info()
-    setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
-    if cfg.train.batch_size % info.world_size:
-        raise config.ConfigError(
-            f"train.batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} processes"
-        )
-    per_rank = cfg.train.batch_size // info.world_size
-    precision = Precision(cfg.train.amp, info.device)
-    dtype = precision.dtype or torch.float32
-    loader = build_loader(
-        cfg.data,
-        from_config(cfg.aug, train=True),
-        cfg.data.train_split,
-        per_rank,
-        info.device,
-        dtype,
-        cfg.train.seed,
-        info.rank,
-        info.world_size,
-        train=True,
-    )
+    prep = engine.prepare(cfg)
+    info, precision, loader = prep.info, prep.precision, prep.loader
     eval_loaders = None
     if info.is_main and cfg.eval.knn_every > 0:
-        spec = from_config(cfg.aug, train=False)
         eval_loaders = tuple(
-            build_loader(cfg.data, spec, split, per_rank, info.device, dtype, cfg.train.seed, train=False)
-            for split in (cfg.data.train_split, cfg.data.val_split)
+            prep.eval_loader(cfg, split) for split in (cfg.data.train_split, cfg.data.val_split)
         )
     m = cfg.moco
     bn_splits = m.bn_splits if info.world_size == 1 else 1  # shuffle-BN across processes replaces it
@@ -185,15 +163,7 @@ def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
     if info.distributed:
         _route_query_through_ddp(model, info.device)
     task = MocoTask(cfg, model, optimizer, precision, lr, eval_loaders, say)
-    steps = len(loader)
-    schedule = functools.partial(
-        _schedule, steps_per_epoch=steps, optim_cfg=cfg.optim, base=lr, epochs=cfg.train.epochs
-    )
-    return task, loader, schedule
-
-
-def _schedule(step: int, steps_per_epoch: int, optim_cfg: Any, base: float, epochs: int) -> float:
-    return lr_at(step, steps_per_epoch, optim_cfg, base, epochs)
+    return task, loader, engine.schedule_for(cfg, loader, lr)
 
 
 @config.main_guard
