@@ -213,8 +213,13 @@ class DistillNet(nn.Module):
 
     kind: ofd | l2 | none. teacher_bn: train keeps the teacher's BN on batch statistics (running stats
     update; the authors' code runs the teacher inside their Distiller in train mode), eval uses its running
-    statistics. `.train()` never changes that choice. With several processes `student`/`distiller` may be
-    shadowed by DDP wrappers (plain instance attributes) while state_dict sees the raw modules.
+    statistics. `.train()` never changes that choice.
+
+    Several processes: `route(student_ddp, distiller_ddp)` makes the forward *call* the DDP wrappers (so
+    their reducers see the forward whose backward they all-reduce), while `student`/`distiller`, the module
+    tree, `state_dict`, `.train()` and `trainable()` keep the raw modules (checkpoint keys carry no
+    `module.`). Two wrappers, not one around the whole net: the connectors are absent from the CE-only
+    epochs' graph, and one wrapper would need `find_unused_parameters` (a graph walk every step).
     """
 
     def __init__(
@@ -246,20 +251,40 @@ class DistillNet(nn.Module):
 
     def trainable(self) -> list[nn.Parameter]:
         """Student + connector parameters (what the authors' optimizer holds); never the teacher's."""
-        mods = [self._modules["student"], self._modules.get("distiller")]
+        mods = [self.student, self.distiller]
         return [p for m in mods if m is not None for p in m.parameters() if p.requires_grad]
+
+    def route(self, student: nn.Module | None, distiller: nn.Module | None = None) -> None:
+        """Call `student` / `distiller` (DDP wrappers around the raw modules) in the forward; None restores
+        the plain call. Stored outside the module tree (`__dict__`), so nothing else sees them.
+
+        A wrapper exposing `.module` (DDP does) must wrap this net's own module: a wrapper around a copy
+        would train weights that are never checkpointed.
+        """
+        for name, wrapper in (("student", student), ("distiller", distiller)):
+            raw = getattr(self, name)
+            if wrapper is not None and (raw is None or getattr(wrapper, "module", raw) is not raw):
+                raise ValueError(f"route: the {name} wrapper must wrap this DistillNet's own {name} module")
+            self.__dict__[f"_{name}_call"] = wrapper
+
+    def _call(self, name: str) -> nn.Module:
+        """The routed wrapper for `name` when set, else the raw module."""
+        wrapper = self.__dict__.get(f"_{name}_call")
+        return wrapper if wrapper is not None else getattr(self, name)
 
     def forward(self, x: Tensor, distill_on: bool) -> tuple[Tensor, Tensor]:
         """(logits, distillation term already divided by N; exactly 0 when off)."""
+        student = self._call("student")
         if self.kind == "none" or not distill_on:
-            logits = self.student(x)
+            logits = student(x)
             return logits, logits.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
             t_feats, t_pooled = FeatureTaps(self.teacher)(x)  # type: ignore[arg-type]
-        s_feats, s_pooled, logits = self.student(x, taps=True)
+        s_feats, s_pooled, logits = student(x, taps=True)
+        distiller = self._call("distiller")
         if self.kind == "ofd":
-            return logits, self.distiller(s_feats, t_feats)  # type: ignore[misc]
-        return logits, self.distiller(s_pooled, t_pooled)  # type: ignore[misc]
+            return logits, distiller(s_feats, t_feats)
+        return logits, distiller(s_pooled, t_pooled)
 
 
 DISTILL_METRICS = ["loss", "ce", "distill", "top1"]

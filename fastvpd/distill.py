@@ -117,16 +117,15 @@ class DistillTask:
         """Student top-1/top-5 (%) and CE on the val split (resize res/0.875, centre crop); main rank."""
         if self.val_loader is None:
             return {}
-        m = evaluate_top(self.net._modules["student"], self.val_loader, self.precision)
+        m = evaluate_top(self.net.student, self.val_loader, self.precision)
         return {f"val_{k}": v for k, v in m.items()}
 
     def state_dict(self) -> dict[str, Any]:
         net = self.net
-        student = net._modules["student"]
         res = self.cfg.aug.eval_res if self.cfg.aug.eval_res > 0 else self.cfg.aug.res
         return {
-            "classifier": classifier_record(student, res, self.classes),
-            "distiller": net._modules["distiller"].state_dict() if net.distiller is not None else {},
+            "classifier": classifier_record(net.student, res, self.classes),
+            "distiller": net.distiller.state_dict() if net.distiller is not None else {},
             "teacher_buffers": dict(net.teacher.named_buffers()) if net.teacher is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "precision": self.precision.state_dict(),
@@ -134,9 +133,9 @@ class DistillTask:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         net = self.net
-        net._modules["student"].load_state_dict(sd["classifier"]["state_dict"])
+        net.student.load_state_dict(sd["classifier"]["state_dict"])
         if net.distiller is not None:
-            net._modules["distiller"].load_state_dict(sd["distiller"])
+            net.distiller.load_state_dict(sd["distiller"])
         if net.teacher is not None:
             own = dict(net.teacher.named_buffers())
             with torch.no_grad():
@@ -181,14 +180,24 @@ def build_net(cfg: Any, num_classes: int, say: Any = print) -> DistillNet:
 
 
 def _route_through_ddp(net: DistillNet, device: torch.device) -> None:
-    """DDP on the student and (when it has parameters) the connectors, as plain instance attributes so
-    `state_dict`/`.train()` still see the raw modules (the pattern of `fastvpd.pretrain`). Two wrappers,
-    because the connectors are absent from the CE-only epochs' graph."""
+    """DDP on the student and (when it has trainable parameters) the connectors, via `DistillNet.route`:
+    the forward calls the wrappers, checkpoints and `.train()` keep the raw modules.
+
+    Two wrappers, because the connectors are absent from the CE-only epochs' graph: a wrapper that is not
+    called in a step simply does no all-reduce, whereas one wrapper around both would need
+    `find_unused_parameters=True` there. Within each wrapper every parameter takes part in every call it
+    sees (all student layers feed the logits; every connector feeds the distillation term), so the default
+    `find_unused_parameters=False` is correct. `broadcast_buffers=False`: each rank keeps the BN statistics
+    of its own shard (no per-step broadcast); rank 0's are the ones checkpointed.
+    """
     ids = [device] if device.type == "cuda" else None
-    for name in ("student", "distiller"):
-        mod = net._modules.get(name)
-        if mod is not None and any(p.requires_grad for p in mod.parameters()):
-            object.__setattr__(net, name, DDP(mod, device_ids=ids, broadcast_buffers=False))
+
+    def wrap(mod: torch.nn.Module | None) -> DDP | None:
+        if mod is None or not any(p.requires_grad for p in mod.parameters()):
+            return None
+        return DDP(mod, device_ids=ids, broadcast_buffers=False)
+
+    net.route(wrap(net.student), wrap(net.distiller))
 
 
 def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:

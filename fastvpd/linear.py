@@ -29,7 +29,12 @@ LINEAR_METRICS = ["loss", "top1"]
 
 
 class FrozenClassifier(Classifier):
-    """A Classifier whose backbone is frozen and stays in eval mode whatever `.train()` is called with."""
+    """A Classifier whose backbone is frozen and stays in eval mode whatever `.train()` is called with.
+
+    Several processes: `route_fc(ddp)` makes the training path (`head`) call a DDP wrapper around `fc`, so
+    the fc gradients are all-reduced; `fc`, the module tree and `state_dict` keep the raw layer (checkpoint
+    keys carry no `module.`), and the plain forward (evaluation, no gradient) calls it directly.
+    """
 
     def __init__(self, arch: str, num_classes: int, small_stem: bool = False) -> None:
         super().__init__(arch, num_classes, small_stem)
@@ -43,6 +48,18 @@ class FrozenClassifier(Classifier):
         super().train(mode)
         self.backbone.eval()
         return self
+
+    def route_fc(self, wrapper: nn.Module | None) -> None:
+        """Run `head` through `wrapper` (a DDP around this model's own `fc`); None restores the plain call.
+        Stored in `__dict__`, outside the module tree."""
+        if wrapper is not None and getattr(wrapper, "module", self.fc) is not self.fc:
+            raise ValueError("route_fc: the wrapper must wrap this model's own fc")
+        self.__dict__["_fc_call"] = wrapper
+
+    def head(self, feats: Tensor) -> Tensor:
+        """Logits from pooled features, through the routed fc wrapper when one is set (the training path)."""
+        wrapper = self.__dict__.get("_fc_call")
+        return wrapper(feats) if wrapper is not None else self.fc(feats)
 
 
 def linear_step(
@@ -59,7 +76,7 @@ def linear_step(
     with precision.autocast():
         with torch.no_grad():
             feats = model.backbone(x)
-        logits = model.fc(feats)
+        logits = model.head(feats)  # DDP's wrapper when routed: it must see this call
     loss = F.cross_entropy(logits.float(), y)
     precision.backward_step(loss, optimizer, skip_nonfinite)
     top1 = (logits.detach().argmax(dim=1) == y).float().mean() * 100.0
@@ -130,6 +147,13 @@ class LinearTask:
         self.precision.load_state_dict(sd["precision"])
 
 
+def _route_fc_through_ddp(model: FrozenClassifier, device: torch.device) -> None:
+    """DDP on the fc only (the frozen backbone has no gradient to reduce), via `FrozenClassifier.route_fc`;
+    every fc parameter is used in every step, so no `find_unused_parameters`."""
+    ids = [device] if device.type == "cuda" else None
+    model.route_fc(DDP(model.fc, device_ids=ids, broadcast_buffers=False))
+
+
 def build(cfg: Any, say: Any = print) -> tuple[LinearTask, Any, Any]:
     """Everything `fit` needs: (task, train loader, schedule)."""
     if cfg.model.init != "moco":
@@ -161,8 +185,7 @@ def build(cfg: Any, say: Any = print) -> tuple[LinearTask, Any, Any]:
         model.backbone.compile()
         say("torch.compile: backbone compiled (first steps are slow)")
     if info.distributed:
-        ids = [info.device] if info.device.type == "cuda" else None
-        object.__setattr__(model, "fc", DDP(model._modules["fc"], device_ids=ids, broadcast_buffers=False))
+        _route_fc_through_ddp(model, info.device)
     say(f"linear: frozen {m.arch} from {cfg.distill.teacher}, fc to {loader.num_classes} classes")
     task = LinearTask(cfg, model, optimizer, precision, lr, val_loader, classes, say)
     return task, loader, engine.schedule_for(cfg, loader, lr)
