@@ -39,6 +39,14 @@ class AugConfig:
     min_scale: float = -1.0  # -1: the recipe's default (0.2 for moco_v2, 0.08 for supervised)
     autoaugment: bool = False  # ImageNet AutoAugment policy (supervised recipe)
     eval_res: int = -1  # -1: same as res; eval resizes to eval_res/0.875 then centre-crops
+    # Strength knobs, -1 = the recipe's own value (moco_v2: flip 0.5, jitter p 0.8 at (0.4, 0.4, 0.4, 0.1),
+    # grayscale 0.2, blur 0.5; supervised: flip 0.5, no jitter/grayscale/blur). For data whose labels are
+    # not flip-invariant (digits, text) or that are tiny (8x8 sources), see configs/demo_digits_*.yaml.
+    hflip_p: float = -1.0
+    jitter_p: float = -1.0
+    jitter_scale: float = -1.0  # multiplies the recipe's brightness/contrast/saturation/hue ranges
+    grayscale_p: float = -1.0
+    blur_p: float = -1.0
 
 
 @dataclass
@@ -328,6 +336,13 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key} must be > 0, or -1 for the default (got {val})")
     if _select(cfg, "aug.min_scale") is not None and cfg.aug.min_scale > 1:
         raise ConfigError(f"aug.min_scale must be <= 1 (got {cfg.aug.min_scale})")
+    for key in ("aug.hflip_p", "aug.jitter_p", "aug.grayscale_p", "aug.blur_p"):
+        val = _select(cfg, key)
+        if val is not None and val != -1 and not 0.0 <= val <= 1.0:
+            raise ConfigError(f"{key} must be a probability in [0, 1], or -1 for the recipe's (got {val})")
+    js = _select(cfg, "aug.jitter_scale")
+    if js is not None and js != -1 and not 0.0 <= js <= 2.5:
+        raise ConfigError(f"aug.jitter_scale must be in [0, 2.5] (it multiplies 0.4), or -1 (got {js})")
     ls = _select(cfg, "distill.label_smoothing")
     if ls is not None and not 0.0 <= ls < 1.0:
         raise ConfigError(f"distill.label_smoothing must be in [0, 1) (got {ls})")

@@ -7,6 +7,8 @@ import pytest
 from fastvpd.config import AugConfig, ConfigError
 from fastvpd.data.spec import (
     IMAGENET_MEAN,
+    ColorJitter,
+    GaussianBlur,
     RandomResizedCrop,
     ResizeCenterCrop,
     eval_spec,
@@ -14,6 +16,7 @@ from fastvpd.data.spec import (
     moco_v2,
     supervised,
     with_res,
+    with_strength,
 )
 
 
@@ -65,3 +68,28 @@ def test_with_res_keeps_the_recipe() -> None:
     s = with_res(moco_v2(224), 96)
     assert s.res == 96 and s.views[0].jitter == moco_v2(224).views[0].jitter
     assert with_res(eval_spec(224), 64) == eval_spec(64)
+
+
+def test_strength_knobs_change_only_what_they_name() -> None:
+    base = moco_v2(32)
+    assert with_strength(base) == base
+    s = from_config(AugConfig(res=32, hflip_p=0.0, jitter_scale=0.5, blur_p=0.0), train=True)
+    for v, b in zip(s.views, base.views):
+        assert v.hflip_p == 0.0 and v.blur is None and v.crop == b.crop and v.grayscale_p == b.grayscale_p
+        assert v.jitter == ColorJitter(0.2, 0.2, 0.2, 0.05, 0.8)
+    # p = 0 removes the op (backends then skip it); turning ops on in a recipe without them uses MoCo's ranges
+    assert with_strength(base, jitter_p=0.0).views[0].jitter is None
+    sup = with_strength(supervised(32), jitter_p=0.5, blur_p=0.3, grayscale_p=0.1)
+    (v,) = sup.views
+    assert v.jitter == ColorJitter(p=0.5) and v.blur == GaussianBlur(p=0.3) and v.grayscale_p == 0.1
+    assert with_strength(base, jitter_scale=10.0).views[0].jitter.hue == 0.5  # hue is capped at 0.5
+
+
+@pytest.mark.parametrize(
+    "override", ["aug.hflip_p=1.5", "aug.blur_p=-0.5", "aug.jitter_scale=3", "aug.grayscale_p=2"]
+)
+def test_strength_knobs_are_validated(override: str) -> None:
+    from fastvpd import config
+
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        config.load(config.PretrainRun, [override])

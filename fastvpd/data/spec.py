@@ -133,20 +133,70 @@ def eval_spec(res: int = 224, ten_crop: bool = False) -> AugSpec:
     return AugSpec("eval_ten_crop" if ten_crop else "eval", (view,))
 
 
+def with_strength(
+    spec: AugSpec,
+    hflip_p: float | None = None,
+    jitter_p: float | None = None,
+    jitter_scale: float | None = None,
+    grayscale_p: float | None = None,
+    blur_p: float | None = None,
+) -> AugSpec:
+    """The same recipe with some strengths changed (None keeps the recipe's value).
+
+    A probability of 0 (or a jitter scale of 0) removes the op, so backends skip it entirely. Turning on
+    jitter or blur where the recipe has none uses the MoCo v2 ranges.
+    """
+    views = []
+    for v in spec.views:
+        jitter, blur = v.jitter, v.blur
+        if jitter_p is not None or jitter_scale is not None:
+            base = jitter or ColorJitter()
+            s = 1.0 if jitter_scale is None else jitter_scale
+            p = base.p if jitter_p is None else jitter_p
+            jitter = (
+                None
+                if p <= 0 or s <= 0
+                else ColorJitter(
+                    base.brightness * s, base.contrast * s, base.saturation * s, min(0.5, base.hue * s), p
+                )
+            )
+        if blur_p is not None:
+            blur = None if blur_p <= 0 else replace(blur or GaussianBlur(), p=blur_p)
+        views.append(
+            replace(
+                v,
+                hflip_p=v.hflip_p if hflip_p is None else hflip_p,
+                jitter=jitter,
+                grayscale_p=v.grayscale_p if grayscale_p is None else grayscale_p,
+                blur=blur,
+            )
+        )
+    return replace(spec, views=tuple(views))
+
+
 def from_config(aug_cfg: Any, train: bool, ten_crop: bool = False) -> AugSpec:
     """Spec from an `AugConfig` (fastvpd.config): the recipe when training, the eval transform otherwise."""
     if not train:
         res = aug_cfg.eval_res if aug_cfg.eval_res > 0 else aug_cfg.res
         return eval_spec(res, ten_crop)
     if aug_cfg.recipe == "moco_v2":
-        return moco_v2(aug_cfg.res, aug_cfg.min_scale if aug_cfg.min_scale > 0 else 0.2)
-    if aug_cfg.recipe == "supervised":
-        return supervised(
+        spec = moco_v2(aug_cfg.res, aug_cfg.min_scale if aug_cfg.min_scale > 0 else 0.2)
+    elif aug_cfg.recipe == "supervised":
+        spec = supervised(
             aug_cfg.res, aug_cfg.min_scale if aug_cfg.min_scale > 0 else 0.08, aug_cfg.autoaugment
         )
-    from fastvpd.config import ConfigError
+    else:
+        from fastvpd.config import ConfigError
 
-    raise ConfigError(f"aug.recipe={aug_cfg.recipe!r} is not one of moco_v2, supervised")
+        raise ConfigError(f"aug.recipe={aug_cfg.recipe!r} is not one of moco_v2, supervised")
+
+    def knob(name: str) -> float | None:
+        value = float(getattr(aug_cfg, name, -1.0))
+        return None if value < 0 else value
+
+    return with_strength(
+        spec, knob("hflip_p"), knob("jitter_p"), knob("jitter_scale"), knob("grayscale_p"), knob("blur_p")
+    )
 
 
 def with_res(spec: AugSpec, res: int) -> AugSpec:
