@@ -196,7 +196,8 @@ def build_loader(
     if backend == "dali":
         from fastvpd.data.dali import DALILoader
 
-        return DALILoader(manifest, split, workers=workers, **common)
+        jitter = str(getattr(data_cfg, "dali_jitter", "exact"))
+        return DALILoader(manifest, split, workers=workers, jitter=jitter, **common)
     from fastvpd.data.torchvision import TorchvisionLoader
 
     return TorchvisionLoader(manifest, split, workers=workers, **common)

@@ -1,14 +1,20 @@
 """The `dali` backend: the whole spec inside an NVIDIA DALI pipeline over the WebDataset shards.
 
 Rendering of the AugSpec (per view, all draws per sample by DALI's seeded random operators):
-decoders.image_random_crop (area/ratio/10 attempts = torchvision RRC) -> resize -> color_twist (jitter
-with prob p; grayscale folded in as saturation 0) -> gaussian_blur (sigma ~ U, a delta kernel when off)
--> crop_mirror_normalize (flip, mean/std). Decoding is "mixed" (nvJPEG) on a GPU, "cpu" otherwise.
-Output layout is HWC so the torch view is channels-last NCHW without a copy.
+decoders.image_random_crop (area/ratio/10 attempts = torchvision RRC) -> resize -> [autoaugment] ->
+colour jitter with prob p -> grayscale with prob grayscale_p -> gaussian_blur (sigma ~ U, a delta kernel
+when off) -> crop_mirror_normalize (flip, mean/std). Decoding is "mixed" (nvJPEG) on a GPU, "cpu"
+otherwise. Output layout is HWC so the torch view is channels-last NCHW without a copy.
 
-Known differences from the torchvision reference (DALI has no per-sample op order): color_twist applies
-brightness/contrast/saturation/hue as one fixed linear colour transform, contrast pivots on mid-grey
-rather than the image mean. Ten-crop eval is not rendered here (use cache or torchvision).
+Colour jitter follows torchvision's ColorJitter per sample by default (`data.dali_jitter=exact`): the
+image goes to float [0, 1], four uniform keys per sample give a random order of the four ops, and DALI
+conditionals (`enable_conditionals=True`) route each sample through the ops in its order: brightness
+x*f, contrast blend with the mean of the image's grayscale, saturation blend with the pixel's grayscale
+(ITU-R 601 weights, as torchvision), hue as torchvision's exact rgb->hsv->shift->rgb written in DALI
+arithmetic (DALI's fn.hue/fn.hsv are a linear approximation), each clamped to [0, 1].
+`data.dali_jitter=fused` keeps the older, cheaper rendering, one fn.color_twist (fixed order, contrast
+pivot at mid-grey, linear hue): on 2 CPU cores it is 2.8x faster at 96 px and 8.8x at 32 px. Ten-crop
+eval is not rendered here (use cache or torchvision).
 
 Epochs and sharding: DALI shards the samples contiguously (`shard_id=rank`, `num_shards=world`, shard r
 holds samples [r*N//world, (r+1)*N//world)), so shards differ by at most one sample. A training epoch
@@ -29,10 +35,13 @@ import torch
 
 from fastvpd.config import UserError
 from fastvpd.data import Batch, LoaderBase, mix_seed, num_batches
-from fastvpd.data.spec import AugSpec, RandomResizedCrop, ResizeCenterCrop, ViewSpec
+from fastvpd.data.spec import AugSpec, ColorJitter, RandomResizedCrop, ResizeCenterCrop, ViewSpec
 
 INSTALL_HINT = "pip install -e '.[dali]'"
 SHUFFLE_BUFFER = 16384  # samples held for DALI's shuffle (encoded JPEGs in host memory)
+# colour-jitter renderings: "exact" (torchvision's per-sample op order and ops) or "fused" (one color_twist)
+JITTER_MODES = ("exact", "fused")
+_GREY = (0.299, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
 
 
 def _import_dali() -> Any:
@@ -46,7 +55,128 @@ def _import_dali() -> Any:
     return nvidia.dali
 
 
-def _render_view(jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str) -> Any:
+def _grey(r: Any, g: Any, b: Any) -> Any:
+    return _GREY[0] * r + _GREY[1] * g + _GREY[2] * b
+
+
+def _channels(img: Any) -> tuple[Any, Any, Any]:
+    return img[:, :, 0], img[:, :, 1], img[:, :, 2]
+
+
+def _merge(r: Any, g: Any, b: Any) -> Any:
+    from nvidia.dali import fn
+
+    return fn.stack(r, g, b, axis=2, axis_name="C")
+
+
+def _clamp01(x: Any) -> Any:
+    import nvidia.dali.math as dmath
+
+    return dmath.clamp(x, 0.0, 1.0)
+
+
+def _brightness(img: Any, f: Any) -> Any:
+    """torchvision adjust_brightness on float [0, 1]: blend with black."""
+    return _clamp01(img * f)
+
+
+def _contrast(img: Any, f: Any) -> Any:
+    """torchvision adjust_contrast: blend with the mean of the image's grayscale (one scalar per image)."""
+    from nvidia.dali import fn
+
+    mean = fn.reductions.mean(_grey(*_channels(img)))
+    return _clamp01(img * f + (1.0 - f) * mean)
+
+
+def _saturation(img: Any, f: Any) -> Any:
+    """torchvision adjust_saturation: blend with the pixel's grayscale."""
+    r, g, b = _channels(img)
+    grey = _grey(r, g, b)
+    return _merge(*(_clamp01(c * f + (1.0 - f) * grey) for c in (r, g, b)))
+
+
+def _hue(img: Any, f: Any) -> Any:
+    """torchvision adjust_hue (f in turns, [-0.5, 0.5]): its _rgb2hsv, shift mod 1, _hsv2rgb."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    def fl(x: Any) -> Any:
+        return fn.cast(x, dtype=types.FLOAT)
+
+    r, g, b = _channels(img)
+    maxc = dmath.max(dmath.max(r, g), b)
+    minc = dmath.min(dmath.min(r, g), b)
+    eqc = fl(maxc == minc)
+    cr = maxc - minc
+    s = cr / (maxc + eqc * (1.0 - maxc))  # where(eqc, 1, maxc)
+    crd = cr + eqc * (1.0 - cr)  # where(eqc, 1, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    is_r = fl(maxc == r)
+    is_g = fl(maxc == g) * (1.0 - is_r)
+    is_b = (1.0 - fl(maxc == g)) * (1.0 - is_r)
+    h = (is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)) / 6.0 + 1.0
+    h = h - dmath.floor(h)  # torchvision: fmod(h, 1) on h >= 0
+    h = h + f
+    h = h - dmath.floor(h)  # (h + f) % 1.0
+    v = maxc
+    h6 = h * 6.0
+    i = dmath.floor(h6)
+    frac = h6 - i
+    i = i - 6.0 * dmath.floor(i / 6.0)  # i % 6
+    p = _clamp01(v * (1.0 - s))
+    q = _clamp01(v * (1.0 - s * frac))
+    t = _clamp01(v * (1.0 - s * (1.0 - frac)))
+    masks = [fl(i == float(k)) for k in range(6)]
+
+    def pick(vals: tuple[Any, ...]) -> Any:
+        out = masks[0] * vals[0]
+        for m, val in zip(masks[1:], vals[1:]):
+            out = out + m * val
+        return out
+
+    return _merge(pick((v, q, p, p, t, v)), pick((t, v, v, q, p, p)), pick((p, p, t, v, v, q)))
+
+
+def jitter_ranges(j: ColorJitter) -> list[tuple[float, float]]:
+    """torchvision ColorJitter factor ranges: brightness, contrast, saturation (multipliers), hue (turns)."""
+    bounds = [(max(0.0, 1.0 - x), 1.0 + x) for x in (j.brightness, j.contrast, j.saturation)]
+    return [*bounds, (-j.hue, j.hue)]
+
+
+def jitter_torchvision(img: Any, ranges: list[tuple[float, float]], p: float, op_dev: str) -> Any:
+    """ColorJitter with per-sample factors and op order (needs conditionals); float [0, 1] in and out.
+
+    Factors ~ U(ranges[k]) (a point range gives that factor). The order is the ranking of four uniform
+    keys (a uniformly random permutation); at each position an if/elif chain over per-sample predicates
+    sends every sample through the op ranked there.
+    """
+    from nvidia.dali import fn, types
+
+    def to_dev(x: Any) -> Any:
+        return x.gpu() if op_dev == "gpu" else x
+
+    on = fn.random.coin_flip(probability=p, dtype=types.BOOL)
+    factors = [
+        to_dev(fn.random.uniform(values=[lo]) if lo == hi else fn.random.uniform(range=[lo, hi]))
+        for lo, hi in ranges
+    ]
+    keys = [fn.random.uniform(range=[0.0, 1.0]) for _ in range(4)]
+    ranks = [sum(fn.cast(keys[o] < keys[k], dtype=types.INT32) for o in range(4) if o != k) for k in range(4)]
+    ops = (_brightness, _contrast, _saturation, _hue)
+    if on:
+        for pos in range(4):
+            if ranks[0] == pos:
+                img = ops[0](img, factors[0])
+            elif ranks[1] == pos:
+                img = ops[1](img, factors[1])
+            elif ranks[2] == pos:
+                img = ops[2](img, factors[2])
+            else:
+                img = ops[3](img, factors[3])
+    return img
+
+
+def _render_view(jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str, jitter: str = "exact") -> Any:
     """DALI graph of one view (called inside the pipeline definition)."""
     from nvidia.dali import fn, types
 
@@ -69,27 +199,39 @@ def _render_view(jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str) -> An
         from nvidia.dali.auto_aug import auto_augment
 
         img = auto_augment.auto_augment_image_net(img, shape=[res, res])
-    sat_scale = None
-    if view.grayscale_p > 0:
-        sat_scale = 1.0 - fn.cast(fn.random.coin_flip(probability=view.grayscale_p), dtype=f32)
-    if view.jitter is not None:
-        j = view.jitter
-        on = fn.cast(fn.random.coin_flip(probability=j.p), dtype=f32)
+    scale = 255.0  # pixel range of img: uint8 0..255, or float 0..1 after the torchvision-exact jitter
+    if view.jitter is not None and jitter == "exact":
+        img = fn.cast(img, dtype=f32) * (1.0 / 255.0)
+        img = jitter_torchvision(img, jitter_ranges(view.jitter), view.jitter.p, op_dev)
+        scale = 1.0
+        if view.grayscale_p > 0:  # torchvision RandomGrayscale: the grey level in all three channels
+            keep = 1.0 - fn.cast(fn.random.coin_flip(probability=view.grayscale_p), dtype=f32)
+            if op_dev == "gpu":
+                keep = keep.gpu()
+            grey = _grey(*_channels(img))
+            img = _merge(*(keep * c + (1.0 - keep) * grey for c in _channels(img)))
+    else:
+        sat_scale = None
+        if view.grayscale_p > 0:
+            sat_scale = 1.0 - fn.cast(fn.random.coin_flip(probability=view.grayscale_p), dtype=f32)
+        if view.jitter is not None:
+            j = view.jitter
+            on = fn.cast(fn.random.coin_flip(probability=j.p), dtype=f32)
 
-        def factor(x: float) -> Any:
-            return on * fn.random.uniform(range=[max(0.0, 1.0 - x), 1.0 + x]) + (1.0 - on)
+            def factor(x: float) -> Any:
+                return on * fn.random.uniform(range=[max(0.0, 1.0 - x), 1.0 + x]) + (1.0 - on)
 
-        sat = factor(j.saturation)
-        img = fn.color_twist(
-            img,
-            device=op_dev,
-            brightness=factor(j.brightness),
-            contrast=factor(j.contrast),
-            saturation=sat if sat_scale is None else sat * sat_scale,
-            hue=on * fn.random.uniform(range=[-360.0 * j.hue, 360.0 * j.hue]),  # degrees
-        )
-    elif sat_scale is not None:
-        img = fn.color_twist(img, device=op_dev, saturation=sat_scale)
+            sat = factor(j.saturation)
+            img = fn.color_twist(
+                img,
+                device=op_dev,
+                brightness=factor(j.brightness),
+                contrast=factor(j.contrast),
+                saturation=sat if sat_scale is None else sat * sat_scale,
+                hue=on * fn.random.uniform(range=[-360.0 * j.hue, 360.0 * j.hue]),  # degrees
+            )
+        elif sat_scale is not None:
+            img = fn.color_twist(img, device=op_dev, saturation=sat_scale)
     if view.blur is not None:
         on = fn.cast(fn.random.coin_flip(probability=view.blur.p), dtype=f32)
         sigma = fn.random.uniform(range=list(view.blur.sigma))
@@ -105,8 +247,8 @@ def _render_view(jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str) -> An
         device=op_dev,
         dtype=f32,
         output_layout="HWC",
-        mean=[255.0 * m for m in view.normalize.mean],
-        std=[255.0 * s for s in view.normalize.std],
+        mean=[scale * m for m in view.normalize.mean],
+        std=[scale * s for s in view.normalize.std],
         mirror=mirror,
         **kw,
     )
@@ -128,8 +270,12 @@ class DALILoader(LoaderBase):
         world_size: int = 1,
         train: bool = True,
         workers: int = 0,
+        jitter: str = "exact",
     ) -> None:
         _import_dali()
+        if jitter not in JITTER_MODES:
+            raise UserError(f"data.dali_jitter={jitter!r} is not one of {', '.join(JITTER_MODES)}")
+        self.jitter = jitter
         for v in spec.views:
             if isinstance(v.crop, ResizeCenterCrop) and v.crop.ten_crop:
                 raise UserError(
@@ -170,7 +316,9 @@ class DALILoader(LoaderBase):
             num_threads=self.workers,
             device_id=self.device.index if cuda else None,
             seed=pseed,
-            enable_conditionals=any(v.autoaugment for v in spec.views),
+            enable_conditionals=any(
+                v.autoaugment or (v.jitter is not None and self.jitter == "exact") for v in spec.views
+            ),
             exec_dynamic=True,
         )
         def pipe() -> Any:
@@ -188,7 +336,7 @@ class DALILoader(LoaderBase):
                 pad_last_batch=not train,
                 name="reader",
             )
-            views = [_render_view(jpegs, v, decode_dev, op_dev) for v in spec.views]
+            views = [_render_view(jpegs, v, decode_dev, op_dev, self.jitter) for v in spec.views]
             return (*views, cls)
 
         p = pipe()

@@ -9,20 +9,32 @@ crop twice on the device) needs same-size images, which FFCV's batch buffers req
 costs one extra JPEG decode per sample, the same price as the reference torchvision loader.
 
 Sample order is our own (`shard_indices`: the same permutation and rank sharding as every backend,
-resumable at start_step), handed to FFCV as a custom TraversalOrder. FFCV's crop/flip draws use numba's
-per-thread RNG, which FFCV does not seed: ffcv batches are reproducible in order and photometric
-augmentation, not in crop geometry.
+resumable at start_step), handed to FFCV as a custom TraversalOrder.
+
+Reproducible crops and flips. FFCV 1.0's `RandomResizedCropRGBImageDecoder` and `RandomHorizontalFlip`
+draw with numba's `np.random` inside `prange` loops, i.e. from per-thread Mersenne Twister states that
+FFCV never seeds (`Loader(seed=)` only seeds the traversal order; the only `np.random.seed` in FFCV's
+compiled code is in the mixup transforms), and which thread decodes which sample is not fixed. So
+`_seeded_decoder()` subclasses FFCV's `ResizedCropRGBImageDecoder` (FFCV itself is not patched): its
+decode loop reseeds the worker thread's RNG per sample from (seed, epoch, view, sample index) before the
+crop draw, and draws the flip right after it (the flip is fused into the decoder, replacing the unseeded
+`RandomHorizontalFlip`). Numba freezes closure arrays as constants, so the per-epoch seed reaches the
+compiled loop through a raw pointer to a 1-element array that `__iter__` writes before each epoch. A
+sample's geometry is thus a function of (seed, epoch, view, index) only: independent of threads, batch
+position, rank and resume point.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastvpd.config import UserError
-from fastvpd.data import Batch, LoaderBase
+from fastvpd.data import Batch, LoaderBase, mix_seed
 from fastvpd.data import gpu_aug as G
 from fastvpd.data.spec import AugSpec, RandomResizedCrop, ResizeCenterCrop
 
@@ -38,6 +50,101 @@ def _import_ffcv() -> Any:
     except Exception as e:  # ImportError, or a broken native build
         raise UserError(f"data.backend=ffcv needs FFCV ({type(e).__name__}: {e}): {INSTALL_HINT}") from None
     return ffcv
+
+
+@lru_cache(maxsize=1)
+def _seeded_decoder() -> type:
+    """FFCV crop decoder whose crop (and optional flip) draws are seeded per sample; see module doc."""
+    from ffcv.fields.rgb_image import (
+        IMAGE_MODES,
+        ResizedCropRGBImageDecoder,
+        get_center_crop,
+        get_random_crop,
+    )
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+    from numba import carray, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _as_i64_ptr(typingctx: Any, addr: Any) -> Any:
+        """int64 address -> int64* (a mutable view the compiled loop reads: closure arrays are frozen)."""
+        sig = types.CPointer(types.int64)(types.int64)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return sig, codegen
+
+    class SeededCropDecoder(ResizedCropRGBImageDecoder):
+        """ResizedCropRGBImageDecoder (FFCV 1.0 decode loop) + per-sample np.random.seed + fused flip."""
+
+        def __init__(
+            self,
+            output_size: tuple[int, int],
+            random: bool,
+            scale: tuple[float, float] | None,
+            ratio: Any,
+            flip_p: float,
+            epoch_seed: np.ndarray,
+        ) -> None:
+            super().__init__(output_size)
+            self.random, self.scale, self.ratio, self.flip_p = random, scale, ratio, flip_p
+            self.epoch_seed = epoch_seed  # int64[1], written by FFCVLoader.__iter__; kept alive here
+
+        @property
+        def get_crop_generator(self) -> Any:
+            return get_random_crop if self.random else get_center_crop
+
+        def generate_code(self) -> Any:
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            get_crop_c = Compiler.compile(self.get_crop_generator)
+            scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
+            ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
+            flip_p, addr = float(self.flip_p), int(self.epoch_seed.ctypes.data)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):  # noqa: ANN001, ANN202
+                destination, temp_storage = my_storage
+                base = carray(_as_i64_ptr(addr), 1)[0]
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    # 32-bit per-sample seed (numba's np.random.seed takes uint32): odd-multiplier hash
+                    np.random.seed(np.uint32((base + (source_ix + 1) * 0x9E3779B1) & 0xFFFFFFFF))
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(
+                            image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False
+                        )
+                        selected_size = 3 * height * width
+                        temp_buffer = temp_buffer.reshape(-1)[:selected_size]
+                        temp_buffer = temp_buffer.reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    i, j, h, w = get_crop_c(height, width, scale, ratio)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                    if flip_p > 0 and np.random.random() < flip_p:
+                        img = destination[dst_ix]
+                        wd = img.shape[1]
+                        for y in range(img.shape[0]):
+                            for x in range(wd // 2):
+                                for c in range(3):
+                                    t = img[y, x, c]
+                                    img[y, x, c] = img[y, wd - 1 - x, c]
+                                    img[y, wd - 1 - x, c] = t
+                return destination[: len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return SeededCropDecoder
 
 
 class FFCVLoader(LoaderBase):
@@ -58,14 +165,10 @@ class FFCVLoader(LoaderBase):
         workers: int = 0,
     ) -> None:
         _import_ffcv()
-        from ffcv.fields.decoders import (
-            CenterCropRGBImageDecoder,
-            IntDecoder,
-            RandomResizedCropRGBImageDecoder,
-        )
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
         from ffcv.traversal_order.base import TraversalOrder
 
         super().__init__(
@@ -102,22 +205,26 @@ class FFCVLoader(LoaderBase):
 
         pipelines: dict[str, Any] = {}
         self._image_keys: list[str] = []
+        # per-view epoch seeds, read by the compiled decoders (see module doc); set in __iter__
+        self._epoch_seeds = [np.zeros(1, dtype=np.int64) for _ in spec.views]
+        seeded = _seeded_decoder()
         for vi, view in enumerate(spec.views):
+            size = (view.res, view.res)
             if isinstance(view.crop, ResizeCenterCrop):
                 if view.crop.ten_crop:
                     raise UserError(
                         "ten-crop eval is not available with data.backend=ffcv: use cache or torchvision"
                     )
-                decoder: Any = CenterCropRGBImageDecoder(
-                    (view.res, view.res), ratio=view.res / view.crop.resize
+                ratio = view.res / view.crop.resize
+                decoder: Any = (
+                    seeded(size, False, None, ratio, view.hflip_p, self._epoch_seeds[vi])
+                    if view.hflip_p > 0
+                    else CenterCropRGBImageDecoder(size, ratio=ratio)  # deterministic: FFCV's own
                 )
             else:
                 c: RandomResizedCrop = view.crop
-                decoder = RandomResizedCropRGBImageDecoder((view.res, view.res), scale=c.scale, ratio=c.ratio)
-            ops: list[Any] = []
-            if view.hflip_p > 0:
-                ops.append(RandomHorizontalFlip(flip_prob=view.hflip_p))
-            ops += [ToTensor(), ToDevice(dev, non_blocking=True), ToTorchImage(channels_last=True)]
+                decoder = seeded(size, True, c.scale, c.ratio, view.hflip_p, self._epoch_seeds[vi])
+            ops: list[Any] = [ToTensor(), ToDevice(dev, non_blocking=True), ToTorchImage(channels_last=True)]
             key = "image" if vi == 0 else f"image{vi + 1}"
             pipelines[key] = (
                 [decoder, *ops] if vi == 0 else PipelineSpec("image", decoder=decoder, transforms=ops)
@@ -151,6 +258,8 @@ class FFCVLoader(LoaderBase):
         self.gen = torch.Generator(device=dev)
 
     def __iter__(self) -> Iterator[Batch]:
+        for vi, cell in enumerate(self._epoch_seeds):  # before FFCV starts decoding ahead
+            cell[0] = mix_seed(self.seed, self.epoch, vi) & 0xFFFFFFFF
         for k, out in enumerate(self.loader):
             named = dict(zip(self._names, out))
             self.gen.manual_seed(self.step_seed(self.start_step + k))
