@@ -54,7 +54,9 @@ from fastvpd.config import ConfigError, UserError, main_guard  # noqa: E402
 RECIPE_IMAGES = 50_000
 RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
-LOADER_BACKENDS = ("torchvision", "ffcv", "dali", "cache")
+LOADER_BACKENDS = ("torchvision", "ffcv", "dali", "dali_fused", "cache")
+# loader row -> (backend, data.dali_jitter): the dali backend twice, exact (default) and fused colour jitter
+LOADER_VARIANTS = {"dali_fused": ("dali", "fused")}
 SECTIONS = ("loaders", "steps", "e2e")
 DISTILL_CLASSES = 1000  # ImageNet / VIPriors subset
 
@@ -412,9 +414,13 @@ def run_ladder(
 # ---------------------------------------------------------------------------------------------- loaders
 def _backend_available(backend: str) -> str:
     """'' when the backend's package imports here, else the reason it cannot run."""
+    backend = LOADER_VARIANTS.get(backend, (backend, ""))[0]
     mod = {"ffcv": "ffcv", "dali": "nvidia.dali", "torchvision": "torchvision", "cache": "numpy"}[backend]
     try:
-        __import__(mod)
+        from fastvpd.data import torch_threads_kept
+
+        with torch_threads_kept():  # importing ffcv would leave torch on one thread
+            __import__(mod)
     except Exception as e:  # ImportError, or a broken native library
         return f"{mod} not installed ({_first_line(e)})"
     return ""
@@ -479,14 +485,17 @@ def _cycle(loader: Any) -> Iterator[Any]:
         epoch += 1
 
 
-def measure_one_loader(backend: str, root: Path, opts: Options, device: torch.device) -> dict[str, Any]:
+def measure_one_loader(name: str, root: Path, opts: Options, device: torch.device) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     data_mod = _require("fastvpd.data", "fastvpd.data")
     from fastvpd.config import DataConfig
 
+    backend, jitter = LOADER_VARIANTS.get(name, (name, "exact"))
     cfg = OmegaConf.structured(
-        DataConfig(root=str(root), backend=backend, workers=opts.loader_workers, verify="off")
+        DataConfig(
+            root=str(root), backend=backend, workers=opts.loader_workers, verify="off", dali_jitter=jitter
+        )
     )
     dtype = torch.bfloat16 if device.type == "cuda" and opts.amp == "bf16" else torch.float32
     spec = data_mod.moco_v2(opts.res)
@@ -506,7 +515,7 @@ def measure_one_loader(backend: str, root: Path, opts: Options, device: torch.de
         sync(device)
         dt = time.perf_counter() - t
     row: dict[str, Any] = {
-        "name": backend,
+        "name": name,
         "status": "ok",
         "samples_s": opts.loader_batches * opts.batch / dt,
         "ms_per_batch": 1000.0 * dt / opts.loader_batches,
@@ -1021,7 +1030,8 @@ def run_pretrain(
     pretrain = _require("fastvpd.pretrain", "fastvpd.pretrain")
     argv = [
         f"data.root={root}",
-        f"data.backend={backend}",
+        f"data.backend={LOADER_VARIANTS.get(backend, (backend, ''))[0]}",
+        f"data.dali_jitter={LOADER_VARIANTS.get(backend, ('', 'exact'))[1]}",
         f"data.workers={opts.loader_workers}",
         "data.verify='off'",  # quoted: YAML reads a bare off as False
         f"model.arch={opts.arch}",

@@ -482,7 +482,10 @@ class FFCVSource:
 def _ffcv_writer_cls() -> type:
     """FFCV's DatasetWriter, with our progress bar and a check for dead workers (FFCV itself would wait
     forever for a worker that raised)."""
-    from ffcv.writer import DatasetWriter
+    from fastvpd.data import torch_threads_kept
+
+    with torch_threads_kept():  # FFCV's import sets torch's thread count to 1 for the whole process
+        from ffcv.writer import DatasetWriter
 
     class SafeDatasetWriter(DatasetWriter):
         progress: bool = True
@@ -563,7 +566,10 @@ def _ffcv_writer_cls() -> type:
 
 def write_ffcv(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
     """<split>.beton with fields image (RGBImageField), label (IntField), index (IntField)."""
-    from ffcv.fields import IntField, RGBImageField
+    from fastvpd.data import torch_threads_kept
+
+    with torch_threads_kept():
+        from ffcv.fields import IntField, RGBImageField
 
     path = split_dir / f"{sp.name}.beton"
     fields = {

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("ffcv", reason="needs FFCV: pip install -e '.[ffcv]'")
+from fastvpd.data import torch_threads_kept
+
+with torch_threads_kept():  # importing FFCV would leave the whole test session on one torch thread
+    pytest.importorskip("ffcv", reason="needs FFCV: pip install -e '.[ffcv]'")
 
 from fastvpd.config import DataConfig  # noqa: E402
 from fastvpd.data import build_loader, supervised  # noqa: E402
@@ -75,3 +78,21 @@ def test_flip_is_drawn_per_sample(digits_converted: Path) -> None:
     mirrored = (flipped[0].views[0] - flipped[1].views[0].flip(-1)).flatten(1).abs().amax(1) < 1e-6
     assert torch.equal(flipped[0].indices, flipped[1].indices)
     assert bool((same | mirrored).all()) and 0 < int(mirrored.sum()) and 0 < int(same.sum())
+
+
+IMPORT_PATHS = [
+    "from fastvpd.data.ffcv import _import_ffcv; _import_ffcv()",
+    "from data_tools.convert import _ffcv_writer_cls; _ffcv_writer_cls()",
+]
+
+
+@pytest.mark.parametrize("use", IMPORT_PATHS)
+def test_importing_ffcv_keeps_torch_threads(use: str) -> None:
+    """FFCV's import calls torch.set_num_threads(1); our import paths undo it (else training uses 1 core)."""
+    import subprocess
+    import sys
+
+    code = f"import torch; torch.set_num_threads(3); {use}; import ffcv; print(torch.get_num_threads())"
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split()[-1] == "3", out.stdout + out.stderr

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fastvpd.config import UserError
-from fastvpd.data import Batch, LoaderBase, mix_seed
+from fastvpd.data import Batch, LoaderBase, mix_seed, torch_threads_kept
 from fastvpd.data import gpu_aug as G
 from fastvpd.data.spec import AugSpec, RandomResizedCrop, ResizeCenterCrop
 
@@ -43,10 +43,11 @@ INSTALL_HINT = "pip install -e '.[ffcv]'"
 
 def _import_ffcv() -> Any:
     try:
-        import ffcv  # noqa: F401
-        from ffcv import fields, loader, pipeline, transforms  # noqa: F401
-        from ffcv.fields import decoders  # noqa: F401
-        from ffcv.traversal_order.base import TraversalOrder  # noqa: F401
+        with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
+            import ffcv  # noqa: F401
+            from ffcv import fields, loader, pipeline, transforms  # noqa: F401
+            from ffcv.fields import decoders  # noqa: F401
+            from ffcv.traversal_order.base import TraversalOrder  # noqa: F401
     except Exception as e:  # ImportError, or a broken native build
         raise UserError(f"data.backend=ffcv needs FFCV ({type(e).__name__}: {e}): {INSTALL_HINT}") from None
     return ffcv
