@@ -565,11 +565,19 @@ def _ffcv_writer_cls() -> type:
 
 
 def write_ffcv(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
-    """<split>.beton with fields image (RGBImageField), label (IntField), index (IntField)."""
+    """<split>.beton with fields image (RGBImageField), label (IntField), index (IntField).
+
+    FFCV's import and its writer set torch's thread count (to 1): it is put back afterwards, else every
+    later model step in this process (the demo) runs on one core.
+    """
     from fastvpd.data import torch_threads_kept
 
     with torch_threads_kept():
-        from ffcv.fields import IntField, RGBImageField
+        return _write_ffcv(split_dir, sp, o)
+
+
+def _write_ffcv(split_dir: Path, sp: Split, o: dict[str, Any]) -> list[Path]:
+    from ffcv.fields import IntField, RGBImageField
 
     path = split_dir / f"{sp.name}.beton"
     fields = {
@@ -668,8 +676,11 @@ def convert(
     if shard_size < 1 or max_res < 0 or cache_res < 0:
         raise UserError("--shard-size must be >= 1 and --max-res/--cache-res >= 0")
     if "ffcv" in formats:
+        from fastvpd.data import torch_threads_kept
+
         try:
-            import ffcv.writer  # noqa: F401
+            with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
+                import ffcv.writer  # noqa: F401
         except Exception as e:  # noqa: BLE001 - missing package or its native libraries
             raise UserError(
                 f"FFCV is not usable here ({type(e).__name__}: {e}): "

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from fastvpd.config import UserError, main_guard
 
@@ -53,6 +54,24 @@ def _last_ckpt(run_dir: Path) -> Path:
     raise UserError(f"no checkpoint found in {run_dir}/checkpoints")
 
 
+class DemoInterrupted(Exception):
+    """A stage was stopped by SIGTERM/SIGINT (its checkpoint is saved): the demo stops there too."""
+
+
+def _finished(result: Any, stage: str) -> Path:
+    """The stage's run folder, or DemoInterrupted when a signal stopped it.
+
+    Each stage saves a checkpoint and returns on a signal; without this check the demo would go on with
+    the next stage (and a half-trained model).
+    """
+    if result.stopped == "signal":
+        raise DemoInterrupted(
+            f"{stage} was interrupted; its checkpoint {result.last_checkpoint} is saved. "
+            "Run the same command again to resume where it stopped."
+        )
+    return Path(result.run_dir)
+
+
 def run_seed(out: Path, seed: int, data_root: Path, extra: list[str]) -> tuple[list[MethodResult], Path]:
     """One full pass of the paper's pipeline and its baselines for one seed."""
     from fastvpd import distill, evaluate, pretrain
@@ -63,10 +82,11 @@ def run_seed(out: Path, seed: int, data_root: Path, extra: list[str]) -> tuple[l
 
     _banner(f"[seed {seed}] 1/4 MoCo v2 + margin pretraining (train split, labels unused)")
     t0 = time.perf_counter()
-    pre_dir = Path(
-        pretrain.main(
+    pre_dir = _finished(
+        pretrain.run(
             ["--config", _config("demo_digits_pretrain.yaml"), f"train.out_dir={out / 'pretrain'}", *common]
-        )
+        ),
+        f"seed {seed} pretraining",
     )
     t_pre = time.perf_counter() - t0
     teacher = _last_ckpt(pre_dir)
@@ -84,8 +104,8 @@ def run_seed(out: Path, seed: int, data_root: Path, extra: list[str]) -> tuple[l
     for i, (label, over, name, uses_pretrain) in enumerate(runs, start=2):
         _banner(f"[seed {seed}] {i}/4 {label}")
         t0 = time.perf_counter()
-        run_dir = Path(
-            distill.main(
+        run_dir = _finished(
+            distill.run(
                 [
                     "--config",
                     _config("demo_digits_distill.yaml"),
@@ -94,7 +114,8 @@ def run_seed(out: Path, seed: int, data_root: Path, extra: list[str]) -> tuple[l
                     *over,
                     *common,
                 ]
-            )
+            ),
+            f"seed {seed} {name}",
         )
         seconds = time.perf_counter() - t0 + (t_pre if uses_pretrain else 0.0)
         res = evaluate.main(
@@ -197,7 +218,11 @@ def main(argv: list[str] | None = None) -> Path:
     rows: dict[str, list[MethodResult]] = {}
     pre_dirs = []
     for seed in seeds:
-        res, pre_dir = run_seed(out / f"seed{seed}", seed, conv, list(args.overrides))
+        try:
+            res, pre_dir = run_seed(out / f"seed{seed}", seed, conv, list(args.overrides))
+        except DemoInterrupted as e:
+            print(f"\ndemo stopped: {e}", flush=True)
+            raise SystemExit(130) from None
         pre_dirs.append(pre_dir)
         for r in res:
             rows.setdefault(r.method, []).append(r)

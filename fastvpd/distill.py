@@ -226,11 +226,21 @@ def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
     return task, loader, engine.schedule_for(cfg, loader, lr)
 
 
+def run(argv: list[str] | None = None) -> engine.FitResult:
+    """Run (or resume) a distillation / fine-tuning / from-scratch run; returns fit's result (run_dir,
+    how it stopped, last checkpoint).
+
+    For callers in the same process (the demo), which must tell a finished run from one stopped by a
+    signal; the command line uses `main`.
+    """
+    cfg = config.load(config.DistillRun, argv)
+    return engine.launch("distill", cfg, build, eval_every=cfg.eval.every, best_key="val_top1")
+
+
 @config.main_guard
 def main(argv: list[str] | None = None) -> Path:
     """Run (or resume) a distillation / fine-tuning / from-scratch run; returns the run directory."""
-    cfg = config.load(config.DistillRun, argv)
-    return engine.launch("distill", cfg, build, eval_every=cfg.eval.every, best_key="val_top1").run_dir
+    return run(argv).run_dir
 
 
 if __name__ == "__main__":

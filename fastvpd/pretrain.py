@@ -166,11 +166,20 @@ def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
     return task, loader, engine.schedule_for(cfg, loader, lr)
 
 
+def run(argv: list[str] | None = None) -> engine.FitResult:
+    """Run (or resume) a pretraining; returns fit's result (run_dir, how it stopped, last checkpoint).
+
+    For callers in the same process (the demo), which must tell a finished run from one stopped by a
+    signal; the command line uses `main`.
+    """
+    cfg = config.load(config.PretrainRun, argv)
+    return engine.launch("pretrain", cfg, build, eval_every=cfg.eval.knn_every, best_key="knn_top1")
+
+
 @config.main_guard
 def main(argv: list[str] | None = None) -> Path:
     """Run (or resume) a pretraining; returns the run directory."""
-    cfg = config.load(config.PretrainRun, argv)
-    return engine.launch("pretrain", cfg, build, eval_every=cfg.eval.knn_every, best_key="knn_top1").run_dir
+    return run(argv).run_dir
 
 
 if __name__ == "__main__":
