@@ -80,19 +80,23 @@ def test_flip_is_drawn_per_sample(digits_converted: Path) -> None:
     assert bool((same | mirrored).all()) and 0 < int(mirrored.sum()) and 0 < int(same.sum())
 
 
-IMPORT_PATHS = [
-    "from fastvpd.data.ffcv import _import_ffcv; _import_ffcv()",
-    "from data_tools.convert import _ffcv_writer_cls; _ffcv_writer_cls()",
-]
-
-
-@pytest.mark.parametrize("use", IMPORT_PATHS)
-def test_importing_ffcv_keeps_torch_threads(use: str) -> None:
-    """FFCV's import calls torch.set_num_threads(1); our import paths undo it (else training uses 1 core)."""
+def _threads_after(code: str) -> str:
+    """torch's thread count after `code` ran in a fresh interpreter that set it to 3."""
     import subprocess
     import sys
 
-    code = f"import torch; torch.set_num_threads(3); {use}; import ffcv; print(torch.get_num_threads())"
+    prog = f"import torch; torch.set_num_threads(3); {code}; import ffcv; print(torch.get_num_threads())"
     root = Path(__file__).parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
-    assert out.stdout.split()[-1] == "3", out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True, cwd=root)
+    return out.stdout.split()[-1]
+
+
+def test_importing_ffcv_through_the_backend_keeps_torch_threads() -> None:
+    """FFCV's import calls torch.set_num_threads(1); our import path undoes it (else training uses 1 core)."""
+    assert _threads_after("from fastvpd.data.ffcv import _import_ffcv; _import_ffcv()") == "3"
+
+
+def test_converting_to_ffcv_keeps_torch_threads(digits_src: Path, tmp_path: Path) -> None:
+    """The demo converts, then trains in the same process: the converter must leave the thread count."""
+    call = f"convert({str(digits_src)!r}, {str(tmp_path)!r}, ['ffcv'], progress=False)"
+    assert _threads_after(f"from data_tools.convert import convert; {call}") == "3"
