@@ -164,6 +164,10 @@ def _chart(rows: dict[str, list[MethodResult]], pretrain_dirs: list[Path], path:
     sds = [statistics.stdev([r.top1 for r in rows[m]]) if len(rows[m]) > 1 else 0.0 for m in names]
     axes[0].barh(range(len(names)), means, xerr=sds, color=["#2a7", "#59c", "#c75"][: len(names)])
     axes[0].set_yticks(range(len(names)), [n.replace(" → ", "\n→ ") for n in names], fontsize=8)
+    lo = max(0.0, min(m - s for m, s in zip(means, sds)) - 4.0)  # a 0-100 axis would hide the differences
+    axes[0].set_xlim(lo, min(100.0, max(m + s for m, s in zip(means, sds)) + 2.0))
+    for y, (m, s) in enumerate(zip(means, sds)):
+        axes[0].text(lo + 0.3, y, f"{m:.1f} ± {s:.1f}", va="center", fontsize=9, color="white")
     axes[0].set_xlabel("test top-1 (%)")
     axes[0].set_title("accuracy per method")
     for d in pretrain_dirs:
