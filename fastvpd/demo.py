@@ -64,7 +64,7 @@ def _finished(result: Any, stage: str) -> Path:
     Each stage saves a checkpoint and returns on a signal; without this check the demo would go on with
     the next stage (and a half-trained model).
     """
-    if result.stopped == "signal":
+    if result.interrupted:
         raise DemoInterrupted(
             f"{stage} was interrupted; its checkpoint {result.last_checkpoint} is saved. "
             "Run the same command again to resume where it stopped."

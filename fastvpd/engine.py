@@ -88,9 +88,14 @@ class FitResult:
     run_dir: Path
     global_step: int
     epoch: int  # epochs fully done
-    stopped: str  # done | max_steps | signal
+    stopped: str  # done | max_steps | the signal's name (SIGTERM, SIGINT)
     last_checkpoint: Path | None
     eval: dict[str, float] = field(default_factory=dict)  # the last evaluation's metrics
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped early by a signal (its checkpoint is saved; resume=auto continues it)."""
+        return self.stopped not in ("done", "max_steps")
 
 
 class _StopFlag:

@@ -8,21 +8,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from fastvpd.demo import DemoInterrupted, _finished
+from fastvpd.engine import FitResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_finished_passes_a_done_run_and_stops_on_a_signalled_one(tmp_path: Path) -> None:
-    done = SimpleNamespace(stopped="done", run_dir=str(tmp_path), last_checkpoint=tmp_path / "last.pt")
-    assert _finished(done, "stage") == tmp_path
-    assert _finished(SimpleNamespace(**{**vars(done), "stopped": "max_steps"}), "stage") == tmp_path
+@pytest.mark.parametrize("stopped", ["SIGTERM", "SIGINT"])
+def test_finished_passes_a_done_run_and_stops_on_a_signalled_one(tmp_path: Path, stopped: str) -> None:
+    def result(how: str) -> FitResult:
+        return FitResult(tmp_path, 7, 1, how, tmp_path / "last.pt")
+
+    assert _finished(result("done"), "stage") == tmp_path
+    assert _finished(result("max_steps"), "stage") == tmp_path
     with pytest.raises(DemoInterrupted, match="last.pt"):
-        _finished(SimpleNamespace(**{**vars(done), "stopped": "signal"}), "seed 0 pretraining")
+        _finished(result(stopped), "seed 0 pretraining")
 
 
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGTERM")
@@ -39,14 +42,19 @@ def test_sigterm_during_pretraining_stops_the_whole_demo(tmp_path: Path) -> None
     lines: list[str] = []
     deadline = time.monotonic() + 240
     assert proc.stdout is not None
-    for line in proc.stdout:  # wait until the pretraining loop runs, then interrupt it
-        lines.append(line)
-        if line.startswith("pretrain: resnet18"):
-            time.sleep(3)
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline, "".join(lines)
-    rest, _ = proc.communicate(timeout=120)
+    try:
+        for line in proc.stdout:  # wait until the pretraining loop runs, then interrupt it
+            lines.append(line)
+            if line.startswith("pretrain: resnet18"):
+                time.sleep(3)
+                proc.send_signal(signal.SIGTERM)
+                break
+            assert time.monotonic() < deadline, "".join(lines)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a demo that went on instead of stopping: do not leave it running
+            proc.kill()
+            rest = proc.communicate()[0]
     log = "".join(lines) + rest
     assert proc.returncode == 130, log
     assert "demo stopped: seed 0 pretraining was interrupted" in log and "2/4" not in log, log
