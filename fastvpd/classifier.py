@@ -25,7 +25,7 @@ from torch import Tensor
 from fastvpd import checkpoint, dist
 from fastvpd.config import UserError
 from fastvpd.losses import smoothed_ce
-from fastvpd.models import FeatureTaps, build_backbone, stage_channels
+from fastvpd.models import FeatureTaps, build_backbone, route, routed, stage_channels
 from fastvpd.ofd import OFDDistiller, pooled_l2
 from fastvpd.step import DeviceMeters, Precision, bn_snapshot
 
@@ -256,32 +256,20 @@ class DistillNet(nn.Module):
 
     def route(self, student: nn.Module | None, distiller: nn.Module | None = None) -> None:
         """Call `student` / `distiller` (DDP wrappers around the raw modules) in the forward; None restores
-        the plain call. Stored outside the module tree (`__dict__`), so nothing else sees them.
-
-        A wrapper exposing `.module` (DDP does) must wrap this net's own module: a wrapper around a copy
-        would train weights that are never checkpointed.
-        """
-        for name, wrapper in (("student", student), ("distiller", distiller)):
-            raw = getattr(self, name)
-            if wrapper is not None and (raw is None or getattr(wrapper, "module", raw) is not raw):
-                raise ValueError(f"route: the {name} wrapper must wrap this DistillNet's own {name} module")
-            self.__dict__[f"_{name}_call"] = wrapper
-
-    def _call(self, name: str) -> nn.Module:
-        """The routed wrapper for `name` when set, else the raw module."""
-        wrapper = self.__dict__.get(f"_{name}_call")
-        return wrapper if wrapper is not None else getattr(self, name)
+        the plain call (`fastvpd.models.route`: outside the module tree, must wrap this net's own module)."""
+        route(self, "student", student)
+        route(self, "distiller", distiller)
 
     def forward(self, x: Tensor, distill_on: bool) -> tuple[Tensor, Tensor]:
         """(logits, distillation term already divided by N; exactly 0 when off)."""
-        student = self._call("student")
+        student = routed(self, "student")
         if self.kind == "none" or not distill_on:
             logits = student(x)
             return logits, logits.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
             t_feats, t_pooled = FeatureTaps(self.teacher)(x)  # type: ignore[arg-type]
         s_feats, s_pooled, logits = student(x, taps=True)
-        distiller = self._call("distiller")
+        distiller = routed(self, "distiller")
         if self.kind == "ofd":
             return logits, distiller(s_feats, t_feats)
         return logits, distiller(s_pooled, t_pooled)

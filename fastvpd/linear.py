@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastvpd import config, dist, engine
 from fastvpd.classifier import Classifier, backbone_state, classifier_record, evaluate_top, read_state
 from fastvpd.config import UserError
+from fastvpd.models import route, routed
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
 
@@ -50,16 +51,13 @@ class FrozenClassifier(Classifier):
         return self
 
     def route_fc(self, wrapper: nn.Module | None) -> None:
-        """Run `head` through `wrapper` (a DDP around this model's own `fc`); None restores the plain call.
-        Stored in `__dict__`, outside the module tree."""
-        if wrapper is not None and getattr(wrapper, "module", self.fc) is not self.fc:
-            raise ValueError("route_fc: the wrapper must wrap this model's own fc")
-        self.__dict__["_fc_call"] = wrapper
+        """Run `head` through `wrapper` (a DDP around this model's own `fc`); None restores the plain call
+        (`fastvpd.models.route`: outside the module tree)."""
+        route(self, "fc", wrapper)
 
     def head(self, feats: Tensor) -> Tensor:
         """Logits from pooled features, through the routed fc wrapper when one is set (the training path)."""
-        wrapper = self.__dict__.get("_fc_call")
-        return wrapper(feats) if wrapper is not None else self.fc(feats)
+        return routed(self, "fc")(feats)
 
 
 def linear_step(

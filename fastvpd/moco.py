@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvpd.losses import margin_info_nce
-from fastvpd.models import MLPHead, build_backbone, convert_split_bn
+from fastvpd.models import MLPHead, build_backbone, convert_split_bn, route, routed
 
 __all__ = ["Encoder", "MoCo"]
 
@@ -93,12 +93,11 @@ class MoCo(nn.Module):
 
         The module tree (state_dict, checkpoints, `encoders()`) keeps the raw encoder either way.
         """
-        self.__dict__["_query_call"] = wrapper
+        route(self, "encoder_q", wrapper)
 
     def query(self, x: Tensor) -> Tensor:
         """q = normalize(f_q(x)); x: Nx3xHxW -> q: NxC."""
-        call = self.__dict__.get("_query_call") or self.encoder_q
-        return F.normalize(call(x), dim=1)
+        return F.normalize(routed(self, "encoder_q")(x), dim=1)
 
     @torch.no_grad()
     def key(self, x: Tensor) -> Tensor:

@@ -203,6 +203,25 @@ def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
     return module
 
 
+def route(owner: nn.Module, name: str, wrapper: nn.Module | None) -> None:
+    """Make `routed(owner, name)` return `wrapper` (a DDP around `owner.<name>`); None restores the raw call.
+
+    The wrapper is kept in `owner.__dict__`, outside the module tree, so state_dict, checkpoints (no
+    `module.` keys) and `.train()` keep seeing the raw submodule. A wrapper exposing `.module` (DDP does)
+    must wrap that very submodule: one around a copy would train weights that are never checkpointed.
+    """
+    raw = getattr(owner, name)
+    if wrapper is not None and (raw is None or getattr(wrapper, "module", raw) is not raw):
+        raise ValueError(f"the {name} wrapper must wrap this {type(owner).__name__}'s own {name} module")
+    owner.__dict__[f"_{name}_call"] = wrapper
+
+
+def routed(owner: nn.Module, name: str) -> nn.Module:
+    """What to call for `owner.<name>`: the wrapper set by `route`, else the raw submodule."""
+    wrapper = owner.__dict__.get(f"_{name}_call")
+    return wrapper if wrapper is not None else getattr(owner, name)
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Convert 4-d parameters/buffers to channels-last (the layout cuDNN's fast bf16 convs want)."""
     return model.to(memory_format=torch.channels_last)
