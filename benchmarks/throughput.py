@@ -57,6 +57,13 @@ RECIPE_DISTILL_EPOCHS = 100
 LOADER_BACKENDS = ("torchvision", "ffcv", "dali", "dali_fused", "cache")
 # loader row -> (backend, data.dali_jitter): the dali backend twice, exact (default) and fused colour jitter
 LOADER_VARIANTS = {"dali_fused": ("dali", "fused")}
+
+
+def _loader_variant(name: str) -> tuple[str, str]:
+    """(data.backend, data.dali_jitter) of a loader row."""
+    return LOADER_VARIANTS.get(name, (name, "exact"))
+
+
 SECTIONS = ("loaders", "steps", "e2e")
 DISTILL_CLASSES = 1000  # ImageNet / VIPriors subset
 
@@ -414,7 +421,7 @@ def run_ladder(
 # ---------------------------------------------------------------------------------------------- loaders
 def _backend_available(backend: str) -> str:
     """'' when the backend's package imports here, else the reason it cannot run."""
-    backend = LOADER_VARIANTS.get(backend, (backend, ""))[0]
+    backend = _loader_variant(backend)[0]
     mod = {"ffcv": "ffcv", "dali": "nvidia.dali", "torchvision": "torchvision", "cache": "numpy"}[backend]
     try:
         from fastvpd.data import torch_threads_kept
@@ -491,7 +498,7 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
     data_mod = _require("fastvpd.data", "fastvpd.data")
     from fastvpd.config import DataConfig
 
-    backend, jitter = LOADER_VARIANTS.get(name, (name, "exact"))
+    backend, jitter = _loader_variant(name)
     cfg = OmegaConf.structured(
         DataConfig(
             root=str(root), backend=backend, workers=opts.loader_workers, verify="off", dali_jitter=jitter
@@ -1028,10 +1035,11 @@ def run_pretrain(
     backend: str, root: Path, opts: Options, device: torch.device, workdir: Path
 ) -> dict[str, Any]:
     pretrain = _require("fastvpd.pretrain", "fastvpd.pretrain")
+    data_backend, jitter = _loader_variant(backend)
     argv = [
         f"data.root={root}",
-        f"data.backend={LOADER_VARIANTS.get(backend, (backend, ''))[0]}",
-        f"data.dali_jitter={LOADER_VARIANTS.get(backend, ('', 'exact'))[1]}",
+        f"data.backend={data_backend}",
+        f"data.dali_jitter={jitter}",
         f"data.workers={opts.loader_workers}",
         "data.verify='off'",  # quoted: YAML reads a bare off as False
         f"model.arch={opts.arch}",

@@ -482,10 +482,7 @@ class FFCVSource:
 def _ffcv_writer_cls() -> type:
     """FFCV's DatasetWriter, with our progress bar and a check for dead workers (FFCV itself would wait
     forever for a worker that raised)."""
-    from fastvpd.data import torch_threads_kept
-
-    with torch_threads_kept():  # FFCV's import sets torch's thread count to 1 for the whole process
-        from ffcv.writer import DatasetWriter
+    from ffcv.writer import DatasetWriter  # under write_ffcv's torch_threads_kept
 
     class SafeDatasetWriter(DatasetWriter):
         progress: bool = True

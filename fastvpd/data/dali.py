@@ -215,20 +215,20 @@ def _render_view(jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str, jitte
         if view.grayscale_p > 0:
             sat_scale = 1.0 - fn.cast(fn.random.coin_flip(probability=view.grayscale_p), dtype=f32)
         if view.jitter is not None:
-            j = view.jitter
-            on = fn.cast(fn.random.coin_flip(probability=j.p), dtype=f32)
+            bri, con, sat_range, (h_lo, h_hi) = jitter_ranges(view.jitter)
+            on = fn.cast(fn.random.coin_flip(probability=view.jitter.p), dtype=f32)
 
-            def factor(x: float) -> Any:
-                return on * fn.random.uniform(range=[max(0.0, 1.0 - x), 1.0 + x]) + (1.0 - on)
+            def factor(rng: tuple[float, float]) -> Any:
+                return on * fn.random.uniform(range=list(rng)) + (1.0 - on)
 
-            sat = factor(j.saturation)
+            sat = factor(sat_range)
             img = fn.color_twist(
                 img,
                 device=op_dev,
-                brightness=factor(j.brightness),
-                contrast=factor(j.contrast),
+                brightness=factor(bri),
+                contrast=factor(con),
                 saturation=sat if sat_scale is None else sat * sat_scale,
-                hue=on * fn.random.uniform(range=[-360.0 * j.hue, 360.0 * j.hue]),  # degrees
+                hue=on * fn.random.uniform(range=[360.0 * h_lo, 360.0 * h_hi]),  # degrees
             )
         elif sat_scale is not None:
             img = fn.color_twist(img, device=op_dev, saturation=sat_scale)
