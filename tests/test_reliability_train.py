@@ -169,6 +169,15 @@ def _run(module: str, argv: list[str]) -> Path:
     return importlib.import_module(module).main(argv)
 
 
+def _exit_2_errors(capsys: pytest.CaptureFixture[str], module: str, argv: list[str]) -> list[str]:
+    """Run the entry point expecting exit 2; return the `error:` lines it printed on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _run(module, argv)
+    assert e.value.code == 2
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Uninterrupted pretraining and distillation runs (6 steps each)."""
@@ -377,11 +386,7 @@ def test_disk_full_during_checkpoint_keeps_previous(
 
     monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)
     run = tmp_path / "run"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        _run("fastvpd.pretrain", pre_args(tiny_data, run))
-    assert e.value.code == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    err = _exit_2_errors(capsys, "fastvpd.pretrain", pre_args(tiny_data, run))
     assert len(err) == 1 and "No space left" in err[0] and "previous checkpoint is intact" in err[0], err
     monkeypatch.undo()
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -412,11 +417,7 @@ def test_nonfinite_stop_names_step_parts_and_checkpoint(
 ) -> None:
     _poison(monkeypatch, at_step=5)
     run = tmp_path / "stop"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        _run("fastvpd.pretrain", pre_args(tiny_data, run))
-    assert e.value.code == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    err = _exit_2_errors(capsys, "fastvpd.pretrain", pre_args(tiny_data, run))
     assert len(err) == 1, err
     msg = err[0]
     print(msg)
