@@ -54,14 +54,18 @@ from fastvpd.config import ConfigError, UserError, main_guard  # noqa: E402
 RECIPE_IMAGES = 50_000
 RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
-LOADER_BACKENDS = ("torchvision", "ffcv", "dali", "dali_fused", "cache")
-# loader row -> (backend, data.dali_jitter): the dali backend twice, exact (default) and fused colour jitter
-LOADER_VARIANTS = {"dali_fused": ("dali", "fused")}
+LOADER_BACKENDS = ("torchvision", "ffcv", "ffcv_twice", "dali", "dali_fused", "cache")
+# loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per view
+# (instead of once per sample), dali with the fused instead of the exact colour jitter
+LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "ffcv_twice": ("ffcv", {"ffcv_decode": "twice"}),
+    "dali_fused": ("dali", {"dali_jitter": "fused"}),
+}
 
 
-def _loader_variant(name: str) -> tuple[str, str]:
-    """(data.backend, data.dali_jitter) of a loader row."""
-    return LOADER_VARIANTS.get(name, (name, "exact"))
+def _loader_variant(name: str) -> tuple[str, dict[str, str]]:
+    """(data.backend, the data.* settings it overrides) of a loader row."""
+    return LOADER_VARIANTS.get(name, (name, {}))
 
 
 SECTIONS = ("loaders", "steps", "e2e")
@@ -498,11 +502,9 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
     data_mod = _require("fastvpd.data", "fastvpd.data")
     from fastvpd.config import DataConfig
 
-    backend, jitter = _loader_variant(name)
+    backend, settings = _loader_variant(name)
     cfg = OmegaConf.structured(
-        DataConfig(
-            root=str(root), backend=backend, workers=opts.loader_workers, verify="off", dali_jitter=jitter
-        )
+        DataConfig(root=str(root), backend=backend, workers=opts.loader_workers, verify="off", **settings)
     )
     dtype = torch.bfloat16 if device.type == "cuda" and opts.amp == "bf16" else torch.float32
     spec = data_mod.moco_v2(opts.res)
@@ -1035,11 +1037,11 @@ def run_pretrain(
     backend: str, root: Path, opts: Options, device: torch.device, workdir: Path
 ) -> dict[str, Any]:
     pretrain = _require("fastvpd.pretrain", "fastvpd.pretrain")
-    data_backend, jitter = _loader_variant(backend)
+    data_backend, settings = _loader_variant(backend)
     argv = [
         f"data.root={root}",
         f"data.backend={data_backend}",
-        f"data.dali_jitter={jitter}",
+        *(f"data.{k}={v}" for k, v in settings.items()),
         f"data.workers={opts.loader_workers}",
         "data.verify='off'",  # quoted: YAML reads a bare off as False
         f"model.arch={opts.arch}",

@@ -33,6 +33,8 @@ class DataConfig:
     # dali backend colour jitter: exact (torchvision's per-sample op order and ops, via DALI conditionals)
     # | fused (one color_twist: fixed order, mid-grey contrast pivot, linear hue; 3-9x faster on CPU)
     dali_jitter: str = "exact"
+    # ffcv backend: once (decode each JPEG once, cut both MoCo views from it) | twice (one decode per view)
+    ffcv_decode: str = "once"
 
 
 @dataclass

@@ -100,3 +100,56 @@ def test_converting_to_ffcv_keeps_torch_threads(digits_src: Path, tmp_path: Path
     """The demo converts, then trains in the same process: the converter must leave the thread count."""
     call = f"convert({str(digits_src)!r}, {str(tmp_path)!r}, ['ffcv'], progress=False)"
     assert _threads_after(f"from data_tools.convert import convert; {call}") == "3"
+
+
+def _two_views(root: Path, decode: str, full_crop: bool, hflip_p: float, seed: int = 3) -> list:
+    """MoCo's two views with no photometric ops, decoded `once` (both cut from one decode) or `twice`."""
+    from fastvpd.data import moco_v2
+    from fastvpd.data.spec import RandomResizedCrop, replace
+
+    spec = with_strength(moco_v2(RES), hflip_p=hflip_p, jitter_p=0, grayscale_p=0, blur_p=0)
+    if full_crop:
+        crop = RandomResizedCrop(RES, (1.0, 1.0), (1.0, 1.0))
+        spec = replace(spec, views=tuple(replace(v, crop=crop) for v in spec.views))
+    cfg = DataConfig(root=str(root), backend="ffcv", workers=2, ffcv_decode=decode)
+    return _epoch(build_loader(cfg, spec, "train", BS, "cpu", seed=seed))
+
+
+def test_decode_once_slices_each_view_from_its_own_sample(digits_converted: Path) -> None:
+    """With a deterministic full-image crop, `once` and `twice` give the same pixels in every view slot:
+    the [B, V, R, R, 3] decode buffer is sliced into views without mixing samples or views."""
+    once = _two_views(digits_converted, "once", full_crop=True, hflip_p=0.0)
+    twice = _two_views(digits_converted, "twice", full_crop=True, hflip_p=0.0)
+    assert len(once) == len(twice) >= 3
+    for a, b in zip(once, twice):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+        for va, vb in zip(a.views, b.views):
+            assert va.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(va, vb, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.views[0], a.views[1], rtol=0, atol=1e-6)
+
+
+def test_decode_once_draws_independent_views(digits_converted: Path) -> None:
+    """Both views come from one decode but get their own crop and flip: flips are independent coins, crops
+    differ, and the draws are a function of the seed (a second loader repeats them)."""
+    flips = _two_views(digits_converted, "once", full_crop=True, hflip_p=0.5)
+    v0, v1 = (torch.cat([b.views[i] for b in flips]) for i in (0, 1))
+    same = (v0 - v1).flatten(1).abs().amax(1) < 1e-6
+    mirrored = (v0 - v1.flip(-1)).flatten(1).abs().amax(1) < 1e-6
+    symmetric = same & mirrored  # a mirror-symmetric image cannot tell
+    assert bool((same | mirrored).all())
+    frac_flipped = float((mirrored & ~symmetric).sum()) / float((~symmetric).sum())
+    assert 0.3 < frac_flipped < 0.7  # P(views differ by a flip) = 0.5 for two independent p=0.5 coins
+    crops = _two_views(digits_converted, "once", full_crop=False, hflip_p=0.0)
+    differ = torch.cat([(b.views[0] - b.views[1]).flatten(1).abs().amax(1) > 1e-6 for b in crops])
+    assert float(differ.float().mean()) > 0.9
+    assert _same(crops, _two_views(digits_converted, "once", full_crop=False, hflip_p=0.0))
+    again = _two_views(digits_converted, "once", full_crop=False, hflip_p=0.0)
+    assert all(torch.equal(a.views[1], b.views[1]) for a, b in zip(crops, again))
+
+
+def test_unknown_decode_mode_is_one_clear_line(digits_converted: Path) -> None:
+    from fastvpd.config import UserError
+
+    with pytest.raises(UserError, match="data.ffcv_decode='thrice' is not one of once, twice"):
+        _two_views(digits_converted, "thrice", full_crop=True, hflip_p=0.0)

@@ -209,7 +209,8 @@ def build_loader(
     if backend == "ffcv":
         from fastvpd.data.ffcv import FFCVLoader
 
-        return FFCVLoader(manifest, split, workers=workers, **common)
+        decode = str(getattr(data_cfg, "ffcv_decode", "once"))
+        return FFCVLoader(manifest, split, workers=workers, decode=decode, **common)
     if backend == "dali":
         from fastvpd.data.dali import DALILoader
 

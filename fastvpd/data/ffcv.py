@@ -2,11 +2,13 @@
 (jitter, grayscale, blur, normalise) runs batched on the device with the same `gpu_aug` ops as `cache`
 (on CPU with numba: gpu_aug's per-sample kernel, `render_cpu_images`, same draws and pixels).
 
-Two views: the image field is decoded twice per sample, by two pipelines over the same field
-(`pipelines={'image': ..., 'image2': PipelineSpec('image', decoder=...)}`): each decode draws its own
-crop, so the views are independent as MoCo v2 requires. The alternative (decode once at full size and
-crop twice on the device) needs same-size images, which FFCV's batch buffers require; decoding twice
-costs one extra JPEG decode per sample, the same price as the reference torchvision loader.
+Two views from one decode (`data.ffcv_decode=once`, the default): FFCV's batch buffers need fixed-size
+outputs, so our decoder declares one output of shape [V, R, R, 3] per sample, decodes the JPEG once into
+its scratch buffer and cuts the V crops (each with its own crop and flip draw) from it; the loader slices
+the views out of that buffer in place. `twice` is FFCV's usual layout, one pipeline per view over the same
+field (`PipelineSpec('image', decoder=...)`), which costs one extra JPEG decode per sample, as the
+reference torchvision loader pays. Measured on 2 CPU cores (benchmarks/results/): `once` is 1.2x `twice`
+at 112 px views and 3x at 32 px, where the decode is most of the work.
 
 Sample order is our own (`shard_indices`: the same permutation and rank sharding as every backend,
 resumable at start_step), handed to FFCV as a custom TraversalOrder.
@@ -16,17 +18,18 @@ draw with numba's `np.random` inside `prange` loops, i.e. from per-thread Mersen
 FFCV never seeds (`Loader(seed=)` only seeds the traversal order; the only `np.random.seed` in FFCV's
 compiled code is in the mixup transforms), and which thread decodes which sample is not fixed. So
 `_seeded_decoder()` subclasses FFCV's `ResizedCropRGBImageDecoder` (FFCV itself is not patched): its
-decode loop reseeds the worker thread's RNG per sample from (seed, epoch, view, sample index) before the
-crop draw, and draws the flip right after it (the flip is fused into the decoder, replacing the unseeded
-`RandomHorizontalFlip`). Numba freezes closure arrays as constants, so the per-epoch seed reaches the
-compiled loop through a raw pointer to a 1-element array that `__iter__` writes before each epoch. A
-sample's geometry is thus a function of (seed, epoch, view, index) only: independent of threads, batch
-position, rank and resume point.
+decode loop reseeds the worker thread's RNG per sample from (seed, epoch, decode group, sample index)
+before the first crop draw, and draws each view's flip right after its crop (the flip is fused into the
+decoder, replacing the unseeded `RandomHorizontalFlip`). Numba freezes closure arrays as constants, so
+the per-epoch seed reaches the compiled loop through a raw pointer to a 1-element array that `__iter__`
+writes before each epoch. A sample's geometry is thus a function of (seed, epoch, group, index) only:
+independent of threads, batch position, rank and resume point.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
@@ -36,7 +39,7 @@ import torch
 from fastvpd.config import UserError
 from fastvpd.data import Batch, LoaderBase, mix_seed, torch_threads_kept
 from fastvpd.data import gpu_aug as G
-from fastvpd.data.spec import AugSpec, RandomResizedCrop, ResizeCenterCrop
+from fastvpd.data.spec import AugSpec, ResizeCenterCrop
 
 INSTALL_HINT = "pip install -e '.[ffcv]'"
 
@@ -55,7 +58,7 @@ def _import_ffcv() -> Any:
 
 @lru_cache(maxsize=1)
 def _seeded_decoder() -> type:
-    """FFCV crop decoder whose crop (and optional flip) draws are seeded per sample; see module doc."""
+    """FFCV crop decoder: one JPEG decode, V seeded crops (+ flips) of it; see module doc."""
     from ffcv.fields.rgb_image import (
         IMAGE_MODES,
         ResizedCropRGBImageDecoder,
@@ -63,6 +66,7 @@ def _seeded_decoder() -> type:
         get_random_crop,
     )
     from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
     from numba import carray, types
     from numba.extending import intrinsic
@@ -78,24 +82,31 @@ def _seeded_decoder() -> type:
         return sig, codegen
 
     class SeededCropDecoder(ResizedCropRGBImageDecoder):
-        """ResizedCropRGBImageDecoder (FFCV 1.0 decode loop) + per-sample np.random.seed + fused flip."""
+        """ResizedCropRGBImageDecoder (FFCV 1.0 decode loop) + per-sample np.random.seed + fused flip,
+        cutting `len(flip_p)` crops from each decoded image: output uint8 [V, R, R, 3] per sample."""
 
         def __init__(
             self,
-            output_size: tuple[int, int],
+            size: int,
             random: bool,
-            scale: tuple[float, float] | None,
-            ratio: Any,
-            flip_p: float,
+            scale: np.ndarray,  # [V, 2] (random) or unused
+            ratio: np.ndarray,  # [V, 2] (random) or [V] (centre crop: res / resize)
+            flip_p: np.ndarray,  # [V]
             epoch_seed: np.ndarray,
         ) -> None:
-            super().__init__(output_size)
-            self.random, self.scale, self.ratio, self.flip_p = random, scale, ratio, flip_p
+            super().__init__((size, size))
+            self.random, self.scale, self.ratio = random, scale, ratio
+            self.flip_p = flip_p
             self.epoch_seed = epoch_seed  # int64[1], written by FFCVLoader.__iter__; kept alive here
 
         @property
         def get_crop_generator(self) -> Any:
             return get_random_crop if self.random else get_center_crop
+
+        def declare_state_and_memory(self, previous_state: Any) -> Any:
+            state, (_, temp) = super().declare_state_and_memory(previous_state)
+            shape = (len(self.flip_p), *self.output_size, 3)
+            return replace(state, shape=shape), (AllocationQuery(shape, state.dtype), temp)
 
         def generate_code(self) -> Any:
             jpg = IMAGE_MODES["jpg"]
@@ -104,9 +115,8 @@ def _seeded_decoder() -> type:
             imdecode_c = Compiler.compile(imdecode)
             resize_crop_c = Compiler.compile(resize_crop)
             get_crop_c = Compiler.compile(self.get_crop_generator)
-            scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
-            ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
-            flip_p, addr = float(self.flip_p), int(self.epoch_seed.ctypes.data)
+            scale, ratio, flip_p = self.scale, self.ratio, self.flip_p
+            n_views, addr = len(self.flip_p), int(self.epoch_seed.ctypes.data)
 
             def decode(batch_indices, my_storage, metadata, storage_state):  # noqa: ANN001, ANN202
                 destination, temp_storage = my_storage
@@ -129,23 +139,40 @@ def _seeded_decoder() -> type:
                         temp_buffer = temp_buffer.reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
-                    i, j, h, w = get_crop_c(height, width, scale, ratio)
-                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                    if flip_p > 0 and np.random.random() < flip_p:
-                        img = destination[dst_ix]
-                        wd = img.shape[1]
-                        for y in range(img.shape[0]):
-                            for x in range(wd // 2):
-                                for c in range(3):
-                                    t = img[y, x, c]
-                                    img[y, x, c] = img[y, wd - 1 - x, c]
-                                    img[y, wd - 1 - x, c] = t
+                    for v in range(n_views):  # crop, then flip, per view: the draw order is fixed
+                        i, j, h, w = get_crop_c(height, width, scale[v], ratio[v])
+                        img = destination[dst_ix, v]
+                        resize_crop_c(temp_buffer, i, i + h, j, j + w, img)
+                        if flip_p[v] > 0 and np.random.random() < flip_p[v]:
+                            wd = img.shape[1]
+                            for y in range(img.shape[0]):
+                                for x in range(wd // 2):
+                                    for c in range(3):
+                                        t = img[y, x, c]
+                                        img[y, x, c] = img[y, wd - 1 - x, c]
+                                        img[y, wd - 1 - x, c] = t
                 return destination[: len(batch_indices)]
 
             decode.is_parallel = True
             return decode
 
     return SeededCropDecoder
+
+
+DECODE_MODES = ("once", "twice")
+
+
+def _decode_groups(spec: AugSpec, decode: str) -> list[list[int]]:
+    """Which views share one JPEG decode: `once` groups views of the same size and crop kind (MoCo's two
+    views are one group), `twice` gives every view its own decode (FFCV's usual one-pipeline-per-view)."""
+    if decode not in DECODE_MODES:
+        raise UserError(f"data.ffcv_decode={decode!r} is not one of {', '.join(DECODE_MODES)}")
+    if decode == "twice":
+        return [[vi] for vi in range(len(spec.views))]
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for vi, v in enumerate(spec.views):
+        groups.setdefault((v.res, isinstance(v.crop, ResizeCenterCrop)), []).append(vi)
+    return list(groups.values())
 
 
 class FFCVLoader(LoaderBase):
@@ -164,12 +191,13 @@ class FFCVLoader(LoaderBase):
         world_size: int = 1,
         train: bool = True,
         workers: int = 0,
+        decode: str = "once",
     ) -> None:
         _import_ffcv()
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+        from ffcv.fields.decoders import IntDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor
         from ffcv.traversal_order.base import TraversalOrder
 
         super().__init__(
@@ -205,32 +233,35 @@ class FFCVLoader(LoaderBase):
                 return owner.order().numpy()
 
         pipelines: dict[str, Any] = {}
-        self._image_keys: list[str] = []
-        # per-view epoch seeds, read by the compiled decoders (see module doc); set in __iter__
-        self._epoch_seeds = [np.zeros(1, dtype=np.int64) for _ in spec.views]
+        groups = _decode_groups(spec, decode)
+        # view vi is slot j of pipeline key k: self._slots[vi] = (k, j)
+        self._slots: list[tuple[str, int]] = [("", 0)] * len(spec.views)
+        # per-group epoch seeds, read by the compiled decoders (see module doc); set in __iter__
+        self._epoch_seeds = [np.zeros(1, dtype=np.int64) for _ in groups]
         seeded = _seeded_decoder()
-        for vi, view in enumerate(spec.views):
-            size = (view.res, view.res)
-            if isinstance(view.crop, ResizeCenterCrop):
-                if view.crop.ten_crop:
+        for gi, members in enumerate(groups):
+            views = [spec.views[vi] for vi in members]
+            flips = np.array([v.hflip_p for v in views], dtype=np.float64)
+            if isinstance(views[0].crop, ResizeCenterCrop):
+                if any(v.crop.ten_crop for v in views):  # type: ignore[union-attr]
                     raise UserError(
                         "ten-crop eval is not available with data.backend=ffcv: use cache or torchvision"
                     )
-                ratio = view.res / view.crop.resize
-                decoder: Any = (
-                    seeded(size, False, None, ratio, view.hflip_p, self._epoch_seeds[vi])
-                    if view.hflip_p > 0
-                    else CenterCropRGBImageDecoder(size, ratio=ratio)  # deterministic: FFCV's own
-                )
+                ratios = np.array([v.res / v.crop.resize for v in views])  # type: ignore[union-attr]
+                unused = np.zeros((len(views), 2))
+                decoder: Any = seeded(views[0].res, False, unused, ratios, flips, self._epoch_seeds[gi])
             else:
-                c: RandomResizedCrop = view.crop
-                decoder = seeded(size, True, c.scale, c.ratio, view.hflip_p, self._epoch_seeds[vi])
-            ops: list[Any] = [ToTensor(), ToDevice(dev, non_blocking=True), ToTorchImage(channels_last=True)]
-            key = "image" if vi == 0 else f"image{vi + 1}"
+                scales = np.array([v.crop.scale for v in views], dtype=np.float64)  # type: ignore[union-attr]
+                ratios = np.array([v.crop.ratio for v in views], dtype=np.float64)  # type: ignore[union-attr]
+                decoder = seeded(views[0].res, True, scales, ratios, flips, self._epoch_seeds[gi])
+            ops: list[Any] = [ToTensor(), ToDevice(dev, non_blocking=True)]
+            key = "image" if gi == 0 else f"image{gi + 1}"
             pipelines[key] = (
-                [decoder, *ops] if vi == 0 else PipelineSpec("image", decoder=decoder, transforms=ops)
+                [decoder, *ops] if gi == 0 else PipelineSpec("image", decoder=decoder, transforms=ops)
             )
-            self._image_keys.append(key)
+            for j, vi in enumerate(members):
+                self._slots[vi] = (key, j)
+        self._group_first = [members[0] for members in groups]
         for f in ("label", "index"):
             pipelines[f] = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(dev, non_blocking=True)]
         path = manifest.path(split, "ffcv")
@@ -258,15 +289,19 @@ class FFCVLoader(LoaderBase):
         ]
         self.gen = torch.Generator(device=dev)
 
+    def _images(self, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 [B, 3, R, R] channels-last views (NHWC memory), slices of the decoders' [B, V, R, R, 3]."""
+        return [named[key][:, j].permute(0, 3, 1, 2) for key, j in self._slots]
+
     def __iter__(self) -> Iterator[Batch]:
-        for vi, cell in enumerate(self._epoch_seeds):  # before FFCV starts decoding ahead
-            cell[0] = mix_seed(self.seed, self.epoch, vi) & 0xFFFFFFFF
+        for gi, cell in enumerate(self._epoch_seeds):  # before FFCV starts decoding ahead
+            cell[0] = mix_seed(self.seed, self.epoch, self._group_first[gi]) & 0xFFFFFFFF
         for k, out in enumerate(self.loader):
             named = dict(zip(self._names, out))
+            images = self._images(named)
             self.gen.manual_seed(self.step_seed(self.start_step + k))
             if G.cpu_kernel_ok(self.device, self.spec.views):
                 # CPU: one fused pass per sample (numba); draws as below. It copies out of FFCV's buffer.
-                images = [named[key] for key in self._image_keys]
                 params = [
                     G.sample_photometric(view, x.shape[0], self.gen, self.device)
                     for view, x in zip(self.spec.views, images)
@@ -278,8 +313,8 @@ class FFCVLoader(LoaderBase):
                 continue
             views = []
             for vi, view in enumerate(self.spec.views):
-                # .to(float32) copies out of FFCV's ring buffer, which it reuses batches_ahead later
-                x = named[self._image_keys[vi]].to(torch.float32).div_(255.0)
+                # the float copy leaves FFCV's ring buffer, which it reuses batches_ahead later
+                x = images[vi].to(torch.float32, memory_format=torch.channels_last).div_(255.0)
                 if view.autoaugment:
                     x = G.autoaugment_(x, self.step_seed(self.start_step + k) + vi)
                 ph = G.sample_photometric(view, x.shape[0], self.gen, self.device)

@@ -708,16 +708,23 @@ def render_cpu_images(
     """Photometric ops + normalise of already-cropped uint8 views through the CPU kernel.
 
     images[v] is uint8 [B, 3, R, R] channels-last (HWC memory) on the CPU; same results as
-    `photometric(x / 255)` + `normalize`, up to float rounding.
+    `photometric(x / 255)` + `normalize`, up to float rounding. Each sample must be one dense HWC image;
+    the batch stride is free (a view slot of FFCV's [B, V, R, R, 3] buffer is read in place).
     """
     outs = []
     for x, view, ph, (mean, std) in zip(images, views, params, norms):
         b, res = x.shape[0], x.shape[-1]
-        hwc = x.permute(0, 2, 3, 1).contiguous()  # a view when x is channels-last
+        hwc = x.permute(0, 2, 3, 1)
+        sb, off = hwc.stride(0), hwc.storage_offset()
+        if hwc.stride()[1:] != (res * 3, 3, 1) or sb % 3 or off % 3:
+            hwc = hwc.contiguous()
+            sb, off = hwc.stride(0), hwc.storage_offset()
+        # the whole storage seen as [P, 3] pixels; sample i starts at pixel base[i]
+        pixels = hwc.as_strided((hwc.untyped_storage().nbytes() // 3, 3), (3, 1), 0)
+        base = torch.arange(b, dtype=torch.int64) * (sb // 3) + off // 3
         ys, xs = identity_maps(b, res)
-        base = torch.arange(b, dtype=torch.int64) * (res * res)
         width = torch.full((b,), res, dtype=torch.int64)
-        outs += render_cpu(hwc.view(-1, 3), base, width, [CPUView(ys, xs, view, ph, mean, std)], dtype)
+        outs += render_cpu(pixels, base, width, [CPUView(ys, xs, view, ph, mean, std)], dtype)
     return outs
 
 
