@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fastvpd-installed
 APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup sysdeps demo test test-fast lint format gpu-suite clean
+.PHONY: setup sysdeps demo test test-fast test-torch-compat lint format gpu-suite clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,20 @@ demo: setup
 
 test: setup
 	$(VPY) -m pytest -q -m "not cuda" tests
+
+# The CPU suite under another torch (default: the GPU machine's 2.11 / torchvision 0.26). An overlay venv holds
+# only that torch and torchvision; everything else (numpy, ffcv, dali, the CUDA runtime libraries torch links
+# against, the editable fastvpd) is read from $(VENV) through a .pth file. About 7 minutes.
+COMPAT_TORCH ?= 2.11.0
+COMPAT_TV ?= 0.26.0
+COMPAT_VENV := .venv-torch$(COMPAT_TORCH)
+test-torch-compat: setup
+	@[ -x $(COMPAT_VENV)/bin/python ] || $(PY) -m venv $(COMPAT_VENV)
+	@$(COMPAT_VENV)/bin/python -m pip install -q --no-deps torch==$(COMPAT_TORCH) torchvision==$(COMPAT_TV) 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@printf '%s\n' "$$($(VPY) -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')" "$$PWD" \
+	  > "$$($(COMPAT_VENV)/bin/python -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')/zz_fastvpd_base.pth"
+	@$(COMPAT_VENV)/bin/python -c 'import torch,torchvision;print("[compat] torch",torch.__version__,"torchvision",torchvision.__version__)'
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -576,7 +576,10 @@ def section_loaders(opts: Options, device: torch.device) -> dict[str, Any]:
     if ok:
         best = max(ok, key=lambda r: r["samples_s"])
         notes.append(f"best: {best['name']} at {best['speedup']:.2f}x torchvision")
-    return {"rows": rows, "data_root": str(root), "notes": notes}
+    from benchmarks.decode import section_decode  # here: benchmarks.decode imports this module
+
+    decode = section_decode(root, opts, device)  # JPEG decode alone, same files (never raises)
+    return {"rows": rows, "data_root": str(root), "notes": notes, "decode": decode}
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -738,6 +741,16 @@ TABLES: tuple[tuple[str, str, tuple[Column, ...]], ...] = (
 )
 
 
+# the loaders section's sub-table: results["loaders"]["decode"] (benchmarks/decode.py)
+DECODE_TITLE = "JPEG decode alone: full-size uint8 RGB, encoded bytes in memory"
+DECODE_COLUMNS: tuple[Column, ...] = (
+    ("decoder", "name", "s"),
+    ("images/s", "images_per_s", ".1f"),
+    ("speed-up", "speedup", ".2fx"),
+    ("ms/batch", "ms_per_batch", ".1f"),
+)
+
+
 def fmt_value(value: Any, fmt: str) -> str:
     """One table cell: '-' for missing, 'x' suffix for ratios, plain str for text."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -845,6 +858,13 @@ def render_text(results: dict[str, Any]) -> str:
             continue
         out.append(text_table(sec.get("rows", []), cols))
         out += ["  " + n for n in _notes(sec)]
+        dec = sec.get("decode")
+        if dec:
+            out += ["", DECODE_TITLE]
+            if dec.get("status", "ok") != "ok":
+                out.append(f"  {dec.get('status')}: {dec.get('reason', '')}")
+            else:
+                out += [text_table(dec.get("rows", []), DECODE_COLUMNS), *("  " + n for n in _notes(dec))]
     proj = _projection_lines(results.get("projection", {}))
     if proj:
         out += ["", "Projection: full recipe (800 pretrain + 100 distill epochs)", *("  " + p for p in proj)]
@@ -868,6 +888,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         notes = _notes(sec)
         if notes:
             out += ["", *("- " + n for n in notes)]
+        dec = sec.get("decode")
+        if dec:
+            out += ["", f"### {DECODE_TITLE}", ""]
+            if dec.get("status", "ok") != "ok":
+                out.append(f"{dec.get('status')}: {dec.get('reason', '')}")
+            else:
+                out += [md_table(dec.get("rows", []), DECODE_COLUMNS), "", *("- " + n for n in _notes(dec))]
     proj = _projection_lines(results.get("projection", {}))
     if proj:
         out += ["", "## Projection: full recipe", "", *("- " + p for p in proj)]
@@ -1296,14 +1323,16 @@ def run(opts: Options) -> dict[str, Any]:
         # A partial report after every section: a run killed by a time limit still leaves its figures.
         write_report({**results, "projection": projection(results)}, opts.out)
 
-    if "loaders" in opts.sections:
-        guarded("loaders", lambda: section_loaders(opts, device))
-        if results["loaders"].get("data_root"):
-            data_root = Path(results["loaders"]["data_root"])
+    # The step ladders first: they hold the headline figures, and a run cut short by a time limit (the
+    # GPU suite's) should lose loader or end-to-end rows rather than them.
     if "steps" in opts.sections:
         guarded("steps", lambda: section_steps(opts, device))
         if opts.distill:
             guarded("distill", lambda: section_distill(opts, device))
+    if "loaders" in opts.sections:
+        guarded("loaders", lambda: section_loaders(opts, device))
+        if results["loaders"].get("data_root"):
+            data_root = Path(results["loaders"]["data_root"])
     if "e2e" in opts.sections:
         guarded("e2e", lambda: section_e2e(opts, device, data_root, results.get("loaders")))
     results["projection"] = projection(results)
