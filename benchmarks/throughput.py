@@ -118,6 +118,7 @@ class Options:
     loader_workers: int = 0
     e2e_steps: int = 0
     e2e_backends: tuple[str, ...] = LOADER_BACKENDS
+    loader_backends: tuple[str, ...] = LOADER_BACKENDS
     amp: str = "bf16"
     threads: int = 0
     compile: bool = False
@@ -548,6 +549,9 @@ def section_loaders(opts: Options, device: torch.device) -> dict[str, Any]:
     root = prepare_data(opts)
     rows = []
     for backend in LOADER_BACKENDS:
+        if backend not in opts.loader_backends:
+            rows.append(skipped(backend, "not in --loader-backends"))
+            continue
         why = _backend_available(backend)
         if why:
             rows.append(skipped(backend, why))
@@ -1221,6 +1225,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     )
     p.add_argument("--e2e-backends", default=",".join(LOADER_BACKENDS), help="backends for the e2e section")
     p.add_argument(
+        "--loader-backends", default=",".join(LOADER_BACKENDS), help="backends for the loaders section"
+    )
+    p.add_argument(
         "--amp", default="bf16", choices=("bf16", "none"), help="autocast of the package's step (GPU)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: usable cores)")
@@ -1236,6 +1243,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     backends = tuple(s.strip() for s in a.e2e_backends.split(",") if s.strip())
     if any(b not in LOADER_BACKENDS for b in backends):
         raise ConfigError(f"--e2e-backends {a.e2e_backends!r}: choose from {','.join(LOADER_BACKENDS)}")
+    loader_backends = tuple(s.strip() for s in a.loader_backends.split(",") if s.strip())
+    if not loader_backends or any(b not in LOADER_BACKENDS for b in loader_backends):
+        raise ConfigError(f"--loader-backends {a.loader_backends!r}: choose from {','.join(LOADER_BACKENDS)}")
     for name in (
         "res",
         "batch",
@@ -1264,6 +1274,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
         loader_workers=a.workers,
         e2e_steps=a.e2e_steps,
         e2e_backends=backends,
+        loader_backends=loader_backends,
         amp=a.amp,
         threads=a.threads,
         compile=a.compile,

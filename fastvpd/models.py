@@ -128,15 +128,20 @@ def stage_channels(backbone: ResNet) -> list[int]:
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """MoCo's split-BN (its CIFAR colab): emulates per-GPU BN statistics (shuffle-BN) on one device.
+    """Split-BN: emulates per-GPU BN statistics (MoCo's shuffle-BN) on one device.
 
-    Training: the batch is normalised in `num_splits` groups, each with its own mean/variance; as in MoCo's
-    `input.view(-1, C * num_splits, H, W)`, sample n belongs to group n % num_splits. The running statistics
-    are updated with the average over groups of what each group's BN would have written (per-group unbiased
-    variance), exactly MoCo's `running_*_split.view(S, C).mean(0)`. Eval: plain BN.
+    Training: the batch is normalised in `num_splits` groups, each with its own mean/variance. Group b is
+    the contiguous block of samples [b·N/S, (b+1)·N/S), as each GPU of a DDP run holds a contiguous block of
+    the global batch (for the keys, of the shuffled batch). MoCo's CIFAR colab groups samples n % S
+    instead (`input.view(-1, C * S, H, W)`); both are fixed partitions of a randomly ordered batch, so the
+    statistics are the same in distribution, and blocks are what real shuffle-BN uses. The running
+    statistics are updated with the average over groups of what each group's BN would have written
+    (per-group unbiased variance), exactly the colab's `running_*_split.view(S, C).mean(0)`. Eval: plain BN.
 
-    The statistics are computed directly (in fp32) on a 5-d view instead of reshaping to S·C channels, so
-    channels-last inputs stay channels-last without a layout copy.
+    Each block goes through `F.batch_norm` (cuDNN's fused kernels on GPU, bf16 and channels-last included);
+    the blocks of a channels-last batch are channels-last views, so the only extra memory traffic is the
+    final `cat`. (A first version computed the statistics by hand in fp32: on an H100 its elementwise
+    kernels took two thirds of the ResNet-50 MoCo step.)
     """
 
     def __init__(self, num_features: int, num_splits: int, **kw: object) -> None:
@@ -152,28 +157,32 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-        n, c, h, w = x.shape
-        s = self.num_splits
+        n, s = x.shape[0], self.num_splits
         if n % s:
             raise ValueError(f"SplitBatchNorm: batch {n} is not divisible by num_splits={s}")
-        xs = x.view(n // s, s, c, h, w)  # sample a*S + b -> group b (MoCo's grouping)
-        xf = xs.float()
-        var, mean = torch.var_mean(xf, dim=(0, 3, 4), correction=0, keepdim=True)  # var, mean: 1xSxCx1x1
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.float().view(1, 1, c, 1, 1)
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias.float().view(1, 1, c, 1, 1)
-        y = (xf * scale + shift).to(x.dtype).reshape(n, c, h, w)
-        if self.track_running_stats and self.running_mean is not None:
-            count = (n // s) * h * w
+        track = self.track_running_stats and self.running_mean is not None
+        # rm, rv: SxC, row b = the running statistics group b's BN updates in place
+        rm = self.running_mean.repeat(s, 1) if track else None  # type: ignore[union-attr]
+        rv = self.running_var.repeat(s, 1) if track else None  # type: ignore[union-attr]
+        outs = [
+            F.batch_norm(
+                xb,
+                rm[b] if rm is not None else None,
+                rv[b] if rv is not None else None,
+                self.weight,
+                self.bias,
+                True,
+                self.momentum,  # type: ignore[arg-type]
+                self.eps,
+            )
+            for b, xb in enumerate(x.chunk(s))
+        ]
+        if rm is not None and rv is not None:
             with torch.no_grad():
-                unbiased = var.view(s, c) * (count / max(count - 1, 1))
-                self.running_mean.lerp_(mean.view(s, c).mean(0).to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), self.momentum)
-                self.num_batches_tracked.add_(1)
-        return y
+                self.running_mean.copy_(rm.mean(0))  # type: ignore[union-attr]
+                self.running_var.copy_(rv.mean(0))  # type: ignore[union-attr]
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
+        return torch.cat(outs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"

@@ -100,6 +100,12 @@ def _moco_colab_split_bn(x: torch.Tensor, bn: nn.BatchNorm2d, s: int) -> torch.T
     return out
 
 
+def _interleave(t: torch.Tensor, s: int) -> torch.Tensor:
+    """Reorder a batch so the colab's group b (samples b, b+S, ...) is our block b, in order."""
+    n = t.shape[0]
+    return t.reshape(s, n // s, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
 def test_split_bn_matches_moco_colab_and_per_group_batchnorm() -> None:
     torch.manual_seed(0)
     s, c = 4, 3
@@ -109,24 +115,25 @@ def test_split_bn_matches_moco_colab_and_per_group_batchnorm() -> None:
     ref_bn = nn.BatchNorm2d(c)
     ref_bn.load_state_dict(split.state_dict(), strict=False)
     x = (torch.randn(8, c, 5, 5) * 2 + 1).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
+    x_ref = _interleave(x.detach(), s).requires_grad_()  # the colab's groups = our blocks
     for _ in range(2):  # two steps: running stats compound correctly
         y = split(x)
         with torch.no_grad():
             y_ref = _moco_colab_split_bn(x_ref, ref_bn, s)
-        assert torch.allclose(y, y_ref, atol=1e-5)
+        assert torch.allclose(_interleave(y, s), y_ref, atol=1e-5)
         assert torch.allclose(split.running_mean, ref_bn.running_mean, atol=1e-6)
         assert torch.allclose(split.running_var, ref_bn.running_var, atol=1e-6)
-    # Group b = samples b, b+S, ...: each normalised with its own statistics (by hand).
+    # Group b = the contiguous block b·N/S ... (b+1)·N/S - 1, normalised with its own statistics (by hand).
+    per = x.shape[0] // s
     for b in range(s):
-        xb = x.detach()[b::s]
+        xb = x.detach()[b * per : (b + 1) * per]
         mean = xb.mean(dim=(0, 2, 3), keepdim=True)
         var = xb.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         want = (xb - mean) / torch.sqrt(var + split.eps) * split.weight.view(1, c, 1, 1) + split.bias.view(
             1, c, 1, 1
         )
-        assert torch.allclose(y.detach()[b::s], want.detach(), atol=1e-5)
-    # Gradients equal the MoCo colab version's.
+        assert torch.allclose(y.detach()[b * per : (b + 1) * per], want.detach(), atol=1e-5)
+    # Gradients equal the MoCo colab version's (on the reordered batch).
     g = torch.randn_like(y)
     (y * g).sum().backward()
     x_ref.grad = None
@@ -135,8 +142,8 @@ def test_split_bn_matches_moco_colab_and_per_group_batchnorm() -> None:
     y2 = F.batch_norm(
         x_ref.view(-1, c * s, 5, 5), None, None, w.repeat(s), b_.repeat(s), True, 0.1, split.eps
     )
-    (y2.view_as(x_ref) * g).sum().backward()
-    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    (y2.view_as(x_ref) * _interleave(g, s)).sum().backward()
+    assert torch.allclose(_interleave(x.grad, s), x_ref.grad, atol=1e-5)
     assert torch.allclose(split.weight.grad, w.grad, atol=1e-4)
     assert split.num_batches_tracked.item() == 2
 
