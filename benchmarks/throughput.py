@@ -54,11 +54,11 @@ from fastvpd.config import ConfigError, UserError, main_guard  # noqa: E402
 RECIPE_IMAGES = 50_000
 RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
-LOADER_BACKENDS = ("torchvision", "ffcv", "ffcv_twice", "dali", "dali_fused", "cache")
-# loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per view
-# (instead of once per sample), dali with the fused instead of the exact colour jitter
+LOADER_BACKENDS = ("torchvision", "ffcv", "ffcv_once", "dali", "dali_fused", "cache")
+# loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per sample
+# for both views (instead of once per view), dali with the fused instead of the exact colour jitter
 LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
-    "ffcv_twice": ("ffcv", {"ffcv_decode": "twice"}),
+    "ffcv_once": ("ffcv", {"ffcv_decode": "once"}),
     "dali_fused": ("dali", {"dali_jitter": "fused"}),
 }
 

@@ -209,7 +209,7 @@ def build_loader(
     if backend == "ffcv":
         from fastvpd.data.ffcv import FFCVLoader
 
-        decode = str(getattr(data_cfg, "ffcv_decode", "once"))
+        decode = str(getattr(data_cfg, "ffcv_decode", "twice"))
         return FFCVLoader(manifest, split, workers=workers, decode=decode, **common)
     if backend == "dali":
         from fastvpd.data.dali import DALILoader
