@@ -198,3 +198,33 @@ def test_user_errors(digits_converted: Path, tmp_path: Path, monkeypatch: pytest
     pix.write_bytes(pix.read_bytes()[:-10])
     with pytest.raises(UserError, match="--force"):
         build_loader(_cfg(broken, "cache"), moco_v2(RES), "train", BS, "cpu")
+
+
+def test_torchvision_persistent_workers_follow_the_epoch(digits_converted: Path) -> None:
+    """The workers outlive an epoch, so the epoch reaches them with each index: one loader's epochs 0, 1, 0
+    equal three fresh loaders' (0 workers) for those epochs, epoch 1 draws new views, and a resumed epoch
+    (start_step) repeats its tail."""
+    spec = supervised(RES)
+
+    def loader(workers: int):  # noqa: ANN202
+        cfg = DataConfig(root=str(digits_converted), backend="torchvision", workers=workers)
+        return build_loader(cfg, spec, "val", 32, "cpu", torch.float32, seed=4, train=True)
+
+    def epoch(ld, e: int, start: int = 0) -> list:  # noqa: ANN001
+        ld.set_epoch(e, start_step=start)
+        return list(itertools.islice(ld, 3))
+
+    def same(a: list, b: list) -> bool:
+        return all(
+            torch.equal(x.indices, y.indices) and torch.equal(x.views[0], y.views[0]) for x, y in zip(a, b)
+        )
+
+    persistent = loader(2)
+    runs = [epoch(persistent, e) for e in (0, 1, 0)]
+    assert persistent._dl is not None and persistent._dl.persistent_workers
+    fresh = [epoch(loader(0), e) for e in (0, 1)]
+    assert same(runs[0], fresh[0]) and same(runs[1], fresh[1]) and same(runs[2], fresh[0])
+    by_index = [{int(i): v for b in r for i, v in zip(b.indices, b.views[0])} for r in (fresh[0], fresh[1])]
+    common = set(by_index[0]) & set(by_index[1])
+    assert common and sum(not torch.equal(by_index[0][i], by_index[1][i]) for i in common) > len(common) // 2
+    assert same(epoch(persistent, 1, start=1), runs[1][1:])

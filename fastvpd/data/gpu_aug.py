@@ -297,10 +297,12 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor, on: Tensor, subset: 
     """torchvision ColorJitter with per-sample factors and per-sample op order; identity where not `on`.
 
     Fixed-shape form (GPU default, capturable): brightness/contrast/saturation are blends (identity at
-    factor 1), so each step is one blend with a per-sample reference; hue is evaluated for the whole
-    batch at each step and selected with `where`. `subset` form (CPU default): each step applies each
-    op only to the samples drawn for it (data-dependent shapes, a host sync), so hue runs once per
-    jittered sample instead of four times per sample. Both give the same pixels.
+    factor 1, exactly), so each step is one blend with a per-sample reference. Hue, by far the dearest op
+    (rgb -> hsv -> rgb), runs once for the whole batch: first the blends each sample draws *before* its
+    hue (steps 0-2), then hue, then the blends it draws *after* it (steps 1-3). Six blend passes and one
+    hue instead of four of each; every sample still sees its own op order, so the pixels are the same.
+    `subset` form (CPU default): each step applies each op only to the samples drawn for it
+    (data-dependent shapes, a host sync). Both give the same pixels.
     """
     if subset is None:
         subset = x.device.type == "cpu"
@@ -314,17 +316,23 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor, on: Tensor, subset: 
                 if sel.numel():
                     x[sel] = fn(x[sel], factors[sel, code])
         return x
-    for step in range(4):
+    hue_at = (order == 3).to(torch.int64).argmax(dim=1)  # [B] position of hue in each sample's order
+
+    def blend_step(x: Tensor, step: int, active: Tensor) -> Tensor:
         op = order[:, step]
         gray = rgb_to_gray(x)
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)
         opb = op.view(-1, 1, 1, 1)
         ref = torch.where(opb == 1, mean, torch.where(opb == 2, gray, torch.zeros_like(gray)))
         f = factors.gather(1, op.clamp_max(2)[:, None])[:, 0]
-        f = torch.where(on & (op < 3), f, torch.ones_like(f))
-        x = blend(x, ref, f)
-        do_hue = (on & (op == 3)).view(-1, 1, 1, 1)
-        x = torch.where(do_hue, adjust_hue(x, factors[:, 3]), x)
+        f = torch.where(active & on & (op < 3), f, torch.ones_like(f))
+        return blend(x, ref, f)
+
+    for step in range(3):  # the blends before hue (hue at position 0..3, so only steps 0..2 can precede it)
+        x = blend_step(x, step, hue_at > step)
+    x = torch.where(on.view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+    for step in range(1, 4):  # the blends after hue
+        x = blend_step(x, step, hue_at < step)
     return x
 
 

@@ -78,7 +78,8 @@ class FileListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[list[torch.Tensor], int, int]:
+        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         rel, label = self.items[i]
         path = self.root / rel
         try:
@@ -87,7 +88,7 @@ class FileListDataset(Dataset):
         except OSError as e:
             raise UserError(f"cannot read {path} ({e}): the source tree changed since conversion") from None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, self.epoch, i))
+            torch.manual_seed(mix_seed(self.seed, epoch, i))
             views = self.transform(img)
         return views, label, i
 
@@ -102,11 +103,15 @@ def read_files_txt(path: Path) -> list[tuple[str, int]]:
 
 
 class _ListSampler(torch.utils.data.Sampler):
+    """The owner's order for its current epoch, as (index, epoch) keys: persistent workers keep the copy of
+    the dataset they started with, so the epoch (which seeds the augmentation) travels with each index."""
+
     def __init__(self, owner: LoaderBase) -> None:
         self.owner = owner
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.owner.order().tolist())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.owner.epoch
+        return iter([(i, epoch) for i in self.owner.order().tolist()])
 
     def __len__(self) -> int:
         return len(self.owner.order())
@@ -145,21 +150,23 @@ class TorchvisionLoader(LoaderBase):
         )
         self.dataset = FileListDataset(Path(src), items, MultiView(spec), seed)
         self.workers = workers if workers > 0 else max(1, (torch.multiprocessing.cpu_count() or 2) - 1)
+        self._dl: DataLoader | None = None
 
     def __iter__(self) -> Iterator[Batch]:
-        self.dataset.epoch = self.epoch
-        cuda = self.device.type == "cuda"
-        dl = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=_ListSampler(self),
-            num_workers=self.workers,
-            pin_memory=cuda,
-            drop_last=self.train,
-            persistent_workers=False,
-            prefetch_factor=4 if self.workers > 0 else None,
-        )
-        for views, labels, indices in dl:
+        if self._dl is None:
+            # persistent workers: MoCo's loader forks its workers again every epoch, which on the VIPriors
+            # subset (195 batches of 256) idles the step for about one batch time per epoch
+            self._dl = DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=_ListSampler(self),
+                num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+                drop_last=self.train,
+                persistent_workers=self.workers > 0,
+                prefetch_factor=4 if self.workers > 0 else None,
+            )
+        for views, labels, indices in self._dl:
             out = [
                 v.to(self.device, non_blocking=True).to(dtype=self.dtype, memory_format=torch.channels_last)
                 for v in views
