@@ -210,3 +210,21 @@ def test_step_ladder_on_gpu(tmp_path: Path) -> None:
         for r in res[sec]["rows"]:
             assert r["status"] == "ok", r
             assert r["peak_mem_gib"] > 0 and r["mfu_pct"] > 0
+
+
+@pytest.mark.parametrize(("images_batches", "crosses"), [(4, True), (64, False)])
+def test_loader_row_warms_every_worker_and_flags_epoch_restarts(
+    digits_converted: Path, images_batches: int, crosses: bool
+) -> None:
+    """The torchvision row warms up one batch per worker process before timing, and a timing that has to
+    cross an epoch end (where a process pool idles for a batch time) says so in the row and the notes."""
+    batch = 500 // images_batches  # the digits' train split holds 500 images
+    opts = tp.Options(quick=True, res=16, batch=batch, loader_batches=3, loader_workers=2)
+    opts.resolve(torch.device("cpu"))
+    row = tp.measure_one_loader("torchvision", digits_converted, opts, torch.device("cpu"))
+    assert row["status"] == "ok" and row["samples_s"] > 0
+    per_epoch = 500 // batch
+    assert row["warmup_batches"] == (1 + min(2, max(1, per_epoch - 1 - 3)))
+    assert ("note" in row) is crosses
+    if crosses:
+        assert f"epoch of {per_epoch} batches" in row["note"] and "--images" in row["note"]
