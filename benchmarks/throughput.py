@@ -132,7 +132,7 @@ class Options:
         # (arch, res, batch, queue, warmup, repeats, images, loader_batches, e2e_steps)
         if self.quick:
             d = (
-                ("resnet18", 32, 32, 256, 1, 3, 256, 4, 8)
+                ("resnet18", 32, 32, 256, 1, 2, 256, 4, 8)
                 if not gpu
                 else ("resnet50", 128, 128, 4096, 3, 10, 1024, 6, 20)
             )
