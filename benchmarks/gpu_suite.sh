@@ -14,6 +14,7 @@ PY=${PYTHON:-python3}
 START=$SECONDS
 BUDGET=${SUITE_BUDGET_S:-470}  # whole suite; each stage gets a `timeout` so a hang cannot eat it
 exec > >(tee -a "$OUTDIR/suite.log") 2>&1
+export PYTHONUNBUFFERED=1  # a stage killed by its timeout still leaves what it printed (run 2 lost pytest's)
 left() { echo $((BUDGET - (SECONDS - START))); }
 stage() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
 
