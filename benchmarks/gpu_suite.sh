@@ -5,6 +5,8 @@
 #   · trace.json.gz (torch.profiler, Chrome format)
 # Usage (repository root, on the GPU machine): bash benchmarks/gpu_suite.sh [OUTDIR]   (default: $OUT)
 # Fill wheels/ first on a networked machine: bash benchmarks/fetch_wheels.sh (and carry wheels/ along).
+# Name the commit you sent (a copied tree's git metadata may lag its files; results.json records this):
+#   FASTVPD_GIT_COMMIT=1a2b3c4 bash benchmarks/gpu_suite.sh
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"

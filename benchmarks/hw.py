@@ -96,7 +96,13 @@ def usable_cores() -> int:
 
 
 def git_commit() -> str:
-    """Short commit of the checkout (with '+dirty' when there are local changes), or 'unknown'."""
+    """Short commit of the checkout (with '+dirty' when there are local changes), or 'unknown'.
+
+    `FASTVPD_GIT_COMMIT` overrides it: a tree copied to a lent GPU machine can carry git metadata older than
+    its files (the first H100 runs recorded a stale commit), so the caller names the commit it sent.
+    """
+    if os.environ.get("FASTVPD_GIT_COMMIT"):
+        return os.environ["FASTVPD_GIT_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5

@@ -228,3 +228,12 @@ def test_loader_row_warms_every_worker_and_flags_epoch_restarts(
     assert ("note" in row) is crosses
     if crosses:
         assert f"epoch of {per_epoch} batches" in row["note"] and "--images" in row["note"]
+
+
+def test_git_commit_can_be_named_by_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tree copied to a GPU machine may carry stale git metadata: FASTVPD_GIT_COMMIT wins."""
+    monkeypatch.delenv("FASTVPD_GIT_COMMIT", raising=False)
+    own = hw.git_commit()
+    assert own and own != "abc1234"
+    monkeypatch.setenv("FASTVPD_GIT_COMMIT", "abc1234")
+    assert hw.git_commit() == "abc1234" and hw.device_facts(torch.device("cpu"))["git_commit"] == "abc1234"
