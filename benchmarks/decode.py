@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.throughput import Options, _first_line, log, skipped
+from benchmarks.throughput import Options, _backend_available, _first_line, log, skipped, sync
 
 NO_GPU = "needs a CUDA GPU"
 JPEG_SOI = b"\xff\xd8"
@@ -185,11 +185,6 @@ def dali_decoder(
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # device-wide: also waits for DALI's and nvJPEG's own streams
-
-
 def time_decoder(
     name: str, decoder: Decoder, sizes: Sequence[Sequence[tuple[int, int]]], device: torch.device
 ) -> dict[str, Any]:
@@ -203,12 +198,12 @@ def time_decoder(
             f"decoded {len(got)} images for {len(want)} JPEGs; sizes differ from the headers at {bad[:4]} "
             f"({[got[i] for i in bad[:2]]} vs {[want[i] for i in bad[:2]]})"
         )
-    _sync(device)
+    sync(device)  # device-wide: also waits for DALI's and nvJPEG's own streams
     timed = len(sizes) - 1
     t = time.perf_counter()
     for k in range(1, len(sizes)):
         decoder(k)
-    _sync(device)
+    sync(device)
     dt = time.perf_counter() - t
     n = sum(len(s) for s in sizes[1:])
     return {
@@ -220,24 +215,12 @@ def time_decoder(
     }
 
 
-def _dali_missing() -> str:
-    """'' when nvidia.dali imports here, else why not."""
-    from fastvpd.data import torch_threads_kept
-
-    try:
-        with torch_threads_kept():
-            import nvidia.dali  # noqa: F401
-    except Exception as e:  # ImportError, or a broken native library
-        return f"nvidia.dali not installed ({_first_line(e)})"
-    return ""
-
-
 def decoders(
     batches: Sequence[Sequence[bytes]], device: torch.device, threads: int
 ) -> list[tuple[str, Callable[[], Decoder] | None, str]]:
     """(row name, factory of its decoder or None, why it is skipped) in report order."""
     cuda = device.type == "cuda" and torch.cuda.is_available()
-    no_dali = _dali_missing()
+    no_dali = _backend_available("dali")  # "" when nvidia.dali imports here, else why not
     return [
         (PIL_ROW, lambda: pil_decoder(batches), ""),
         (TV_CPU_ROW, lambda: torchvision_decoder(batches, torch.device("cpu")), ""),
@@ -260,10 +243,14 @@ def decoders(
 
 
 def measure_decoders(
-    batches: Sequence[Sequence[bytes]], device: torch.device, threads: int
+    batches: Sequence[Sequence[bytes]],
+    device: torch.device,
+    threads: int,
+    sizes: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per decoder (ok, skipped or failed); speed-up against the PIL row."""
-    sizes = jpeg_sizes(batches)
+    """One row per decoder (ok, skipped or failed); speed-up against the PIL row. `sizes`: the batches'
+    `jpeg_sizes`, when the caller already has them."""
+    sizes = jpeg_sizes(batches) if sizes is None else sizes
     rows: list[dict[str, Any]] = []
     for name, factory, why in decoders(batches, device, threads):
         if factory is None:
@@ -303,7 +290,7 @@ def section_decode(root: Path, opts: Options, device: torch.device) -> dict[str,
         return {"status": "failed", "reason": f"no JPEGs to decode ({_first_line(e)})", "rows": []}
     log(f"decode: {count - 1} timed batches of {opts.batch} JPEGs (+1 warm-up), bytes in memory")
     try:
-        rows = measure_decoders(batches, device, opts.loader_workers)
+        rows = measure_decoders(batches, device, opts.loader_workers, sizes)
     except Exception as e:
         traceback.print_exc()
         return {"status": "failed", "reason": _first_line(e), "rows": []}

@@ -1218,6 +1218,14 @@ def projection(results: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def _backend_list(flag: str, text: str, allow_empty: bool) -> tuple[str, ...]:
+    """A comma-separated list of loader rows; a name not in LOADER_BACKENDS is a ConfigError."""
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    if (not names and not allow_empty) or any(b not in LOADER_BACKENDS for b in names):
+        raise ConfigError(f"{flag} {text!r}: choose from {','.join(LOADER_BACKENDS)}")
+    return names
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -1258,12 +1266,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
         raise ConfigError(f"--sections {a.sections!r}: choose from {','.join(SECTIONS)}")
-    backends = tuple(s.strip() for s in a.e2e_backends.split(",") if s.strip())
-    if any(b not in LOADER_BACKENDS for b in backends):
-        raise ConfigError(f"--e2e-backends {a.e2e_backends!r}: choose from {','.join(LOADER_BACKENDS)}")
-    loader_backends = tuple(s.strip() for s in a.loader_backends.split(",") if s.strip())
-    if not loader_backends or any(b not in LOADER_BACKENDS for b in loader_backends):
-        raise ConfigError(f"--loader-backends {a.loader_backends!r}: choose from {','.join(LOADER_BACKENDS)}")
+    backends = _backend_list("--e2e-backends", a.e2e_backends, allow_empty=True)
+    loader_backends = _backend_list("--loader-backends", a.loader_backends, allow_empty=False)
     for name in (
         "res",
         "batch",

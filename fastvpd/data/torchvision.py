@@ -73,13 +73,12 @@ class FileListDataset(Dataset):
 
     def __init__(self, root: Path, items: list[tuple[str, int]], transform: MultiView, seed: int) -> None:
         self.root, self.items, self.transform, self.seed = root, items, transform, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[list[torch.Tensor], int, int]:
-        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int, int]:
+        i, epoch = key  # (sample index, epoch): see _ListSampler
         rel, label = self.items[i]
         path = self.root / rel
         try:
