@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -127,6 +129,116 @@ def stage_channels(backbone: ResNet) -> list[int]:
     return [bn.num_features for bn in stage_bn(backbone)]
 
 
+_aten = torch.ops.aten
+
+
+class _BlockBatchNorm(torch.autograd.Function):
+    """Training-mode BN of each contiguous block of the batch, written in place into one output.
+
+    Forward/backward run the same per-block kernels as `F.batch_norm` (`native_batch_norm` and its
+    backward). The forward writes each block's output through `native_batch_norm.out` straight into its
+    slice of one preallocated tensor, so the `cat` of the block outputs is gone (in the query and the key
+    encoder: two of the three full-tensor copies per BN layer; the split-BN `cat` was 15 % of the
+    H100 MoCo step). The backward kernel has no real out= form, so the input gradient is still copied
+    into place once per block, as the old `chunk` backward did. Outputs equal
+    `cat([F.batch_norm(block) ...])` bit for bit; the affine gradients are the block sums.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]  # noqa: PLR0913
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        rm: Tensor | None,
+        rv: Tensor | None,
+        s: int,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        n = x.shape[0] // s
+        y = torch.empty_like(x)  # keeps x's memory format: each block slice is then a dense view
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        save_mean = torch.empty(s, x.shape[1], dtype=acc, device=x.device)
+        save_invstd = torch.empty_like(save_mean)
+        for b in range(s):
+            blk = slice(b * n, (b + 1) * n)
+            _aten.native_batch_norm.out(
+                x[blk],
+                weight,
+                bias,
+                None if rm is None else rm[b],
+                None if rv is None else rv[b],
+                True,
+                momentum,
+                eps,
+                out=y[blk],
+                save_mean=save_mean[b],
+                save_invstd=save_invstd[b],
+            )
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.s, ctx.eps = s, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        s, n = ctx.s, x.shape[0] // ctx.s
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        gy = gy.contiguous(memory_format=fmt)
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        mask = [want_x, weight is not None and want_w, weight is not None and want_b]
+        gx = torch.empty_like(x) if want_x else None
+        gw: list[Tensor] = []
+        gb: list[Tensor] = []
+        for b in range(s):
+            blk = slice(b * n, (b + 1) * n)
+            gxb, gwb, gbb = _aten.native_batch_norm_backward(
+                gy[blk], x[blk], weight, None, None, save_mean[b], save_invstd[b], True, ctx.eps, mask
+            )
+            if gx is not None:  # the backward kernel has no out= form: one copy, as the old cat
+                gx[blk].copy_(gxb)
+            if mask[1]:
+                gw.append(gwb)
+            if mask[2]:
+                gb.append(gbb)
+        return (
+            gx,
+            torch.stack(gw).sum(0) if gw else None,
+            torch.stack(gb).sum(0) if gb else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _split_bn_one_pass(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, s: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Split-BN as one reduction over the [S, N/S, C, H, W] view (fp32 statistics): (y, mean, var).
+
+    The form for `torch.compile`: Inductor turns it into one fused statistics kernel and one
+    normalisation kernel for all groups (eagerly it would stream fp32 temporaries). var is biased.
+    """
+    n, c = x.shape[0], x.shape[1]
+    xs = x.unflatten(0, (s, n // s)).float()  # [S, N/S, C, H, W]
+    dims = (1, *range(3, xs.dim()))
+    var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)  # [S, 1, C, 1, 1]
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.float().view(1, 1, c, *([1] * (xs.dim() - 3)))
+    y = (xs - mean) * scale
+    if bias is not None:
+        y = y + bias.float().view(1, 1, c, *([1] * (xs.dim() - 3)))
+    return y.flatten(0, 1).to(x.dtype), mean.view(s, c), var.view(s, c)
+
+
 class SplitBatchNorm(nn.BatchNorm2d):
     """Split-BN: emulates per-GPU BN statistics (MoCo's shuffle-BN) on one device.
 
@@ -138,10 +250,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
     statistics are updated with the average over groups of what each group's BN would have written
     (per-group unbiased variance), exactly the colab's `running_*_split.view(S, C).mean(0)`. Eval: plain BN.
 
-    Each block goes through `F.batch_norm` (cuDNN's fused kernels on GPU, bf16 and channels-last included);
-    the blocks of a channels-last batch are channels-last views, so the only extra memory traffic is the
-    final `cat`. (A first version computed the statistics by hand in fp32: on an H100 its elementwise
-    kernels took two thirds of the ResNet-50 MoCo step.)
+    Eagerly (and in a CUDA graph) each block runs PyTorch's own BN kernels (`_BlockBatchNorm`), writing
+    into one output with no `cat`. Under `torch.compile` the groups are one reduction over a view
+    (`_split_bn_one_pass`), which Inductor fuses. (A first version computed the statistics by hand in fp32
+    eagerly: on an H100 its elementwise kernels took two thirds of the ResNet-50 MoCo step.)
     """
 
     def __init__(self, num_features: int, num_splits: int, **kw: object) -> None:
@@ -161,28 +273,27 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if n % s:
             raise ValueError(f"SplitBatchNorm: batch {n} is not divisible by num_splits={s}")
         track = self.track_running_stats and self.running_mean is not None
+        mom: float = self.momentum  # type: ignore[assignment]
+        if torch.compiler.is_compiling():
+            y, mean, var = _split_bn_one_pass(x, self.weight, self.bias, s, self.eps)
+            if track:
+                m = x.numel() // (s * x.shape[1])  # elements per group and channel
+                with torch.no_grad():
+                    unbiased = var * (m / max(m - 1, 1))
+                    self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), mom)  # type: ignore[union-attr]
+                    self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), mom)  # type: ignore[union-attr]
+                    self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
+            return y
         # rm, rv: SxC, row b = the running statistics group b's BN updates in place
         rm = self.running_mean.repeat(s, 1) if track else None  # type: ignore[union-attr]
         rv = self.running_var.repeat(s, 1) if track else None  # type: ignore[union-attr]
-        outs = [
-            F.batch_norm(
-                xb,
-                rm[b] if rm is not None else None,
-                rv[b] if rv is not None else None,
-                self.weight,
-                self.bias,
-                True,
-                self.momentum,  # type: ignore[arg-type]
-                self.eps,
-            )
-            for b, xb in enumerate(x.chunk(s))
-        ]
+        y = _BlockBatchNorm.apply(x, self.weight, self.bias, rm, rv, s, mom, self.eps)
         if rm is not None and rv is not None:
             with torch.no_grad():
                 self.running_mean.copy_(rm.mean(0))  # type: ignore[union-attr]
                 self.running_var.copy_(rv.mean(0))  # type: ignore[union-attr]
                 self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-        return torch.cat(outs)
+        return y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_splits={self.num_splits}"

@@ -201,3 +201,93 @@ def test_export_loads_into_torchvision() -> None:
     holder = nn.Module()
     holder.state_dict = lambda: prefixed  # type: ignore[method-assign]  # DDP / compile prefixes are stripped
     assert set(backbone_state_for_torchvision(holder)) == set(sd)
+
+
+def _blocks_then_cat(x: torch.Tensor, bn: nn.BatchNorm2d, s: int) -> torch.Tensor:
+    """The obvious split-BN: F.batch_norm per contiguous block, running stats averaged, then cat."""
+    track = bn.running_mean is not None
+    rm = bn.running_mean.repeat(s, 1) if track else None
+    rv = bn.running_var.repeat(s, 1) if track else None
+    outs = [
+        F.batch_norm(
+            xb,
+            rm[b] if track else None,
+            rv[b] if track else None,
+            bn.weight,
+            bn.bias,
+            True,
+            bn.momentum,
+            bn.eps,
+        )
+        for b, xb in enumerate(x.chunk(s))
+    ]
+    if track:
+        with torch.no_grad():
+            bn.running_mean.copy_(rm.mean(0))
+            bn.running_var.copy_(rv.mean(0))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
+def test_split_bn_writes_blocks_in_place_equal_to_blocks_then_cat(
+    channels_last: bool, affine: bool, track: bool
+) -> None:
+    """The no-cat split-BN runs the same BN kernels per block: bit-identical output and input gradient."""
+    torch.manual_seed(3)
+    s, c = 4, 6
+    split = SplitBatchNorm(c, s, affine=affine, track_running_stats=track)
+    if affine:
+        nn.init.normal_(split.weight, 1.0, 0.3)
+        nn.init.normal_(split.bias, 0.0, 0.3)
+    ref = nn.BatchNorm2d(c, affine=affine, track_running_stats=track)
+    ref.load_state_dict(split.state_dict(), strict=False)
+    x = torch.randn(8, c, 5, 5) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = split(x1), _blocks_then_cat(x2, ref, s)
+    assert torch.equal(y, y_ref)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    if track:
+        assert torch.equal(split.running_mean, ref.running_mean)
+        assert torch.equal(split.running_var, ref.running_var)
+    g = torch.randn_like(y)
+    params = [p for p in (split.weight, split.bias) if p is not None]
+    params_ref = [p for p in (ref.weight, ref.bias) if p is not None]
+    grads = torch.autograd.grad(y, [x1, *params], g)
+    grads_ref = torch.autograd.grad(y_ref, [x2, *params_ref], g)
+    assert torch.equal(grads[0], grads_ref[0])
+    for a, b in zip(grads[1:], grads_ref[1:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # block sums: another summation order
+    with torch.no_grad():  # the key encoder's case: no autograd graph at all
+        assert torch.equal(split(x), _blocks_then_cat(x, ref, s))
+
+
+def test_split_bn_under_torch_compile_is_one_pass_with_equal_results() -> None:
+    """Under torch.compile the groups are one reduction over a view (what Inductor fuses); same maths."""
+    torch.manual_seed(4)
+    s, c = 4, 5
+    eager = SplitBatchNorm(c, s)
+    nn.init.normal_(eager.weight, 1.0, 0.3)
+    nn.init.normal_(eager.bias, 0.0, 0.3)
+    module = SplitBatchNorm(c, s)
+    module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        for _ in range(2):  # running statistics compound
+            x = (torch.randn(8, c, 4, 4) * 3 + 2).contiguous(memory_format=torch.channels_last)
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            y1, y2 = eager(x1), compiled(x2)
+            torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+            g = torch.randn_like(y1)
+            g1 = torch.autograd.grad(y1, (x1, eager.weight, eager.bias), g)
+            g2 = torch.autograd.grad(y2, (x2, module.weight, module.bias), g)
+            for a, b in zip(g2, g1):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(module.running_mean, eager.running_mean, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(module.running_var, eager.running_var, atol=1e-5, rtol=1e-5)
+        assert module.num_batches_tracked.item() == eager.num_batches_tracked.item() == 2
+    finally:
+        torch._dynamo.reset()
