@@ -36,6 +36,10 @@ class DataConfig:
     # ffcv backend: twice (one JPEG decode per view: faster on the 16-core H100 host, 1.3-1.5x) | once (one
     # decode per sample, both views cut from it: less CPU, faster on core-starved hosts, 1.2-1.4x on 2 cores)
     ffcv_decode: str = "twice"
+    # cache backend, device placement: the training step renders the batch's views itself, so on a GPU
+    # the augmentation is captured in the step's CUDA graph (same draws, same pixels as rendering them in
+    # the loader; false renders in the loader)
+    aug_in_step: bool = True
 
 
 @dataclass

@@ -40,8 +40,14 @@ from fastvpd.classifier import (
     read_state,
 )
 from fastvpd.config import UserError
+from fastvpd.data import views_in_step
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
+
+
+def _render_then(loader: Any, fn: Any, indices: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """A step that first renders the batch's view from its indices (cache backend, `data.aug_in_step`)."""
+    return fn(loader.augment(indices)[0], labels)
 
 
 def distill_active(epoch: int, start_epoch: int) -> bool:
@@ -87,6 +93,7 @@ class DistillTask:
         self.warmup = 11 if info.distributed else 3
         self.skip = skip
         self.steps: dict[bool, GraphedStep] = {}
+        self.in_step = views_in_step(cfg.data, loader, say)  # cache backend: the step renders the view
 
     def _step_for(self, on: bool) -> GraphedStep:
         if on not in self.steps:
@@ -97,16 +104,23 @@ class DistillTask:
                 distill_step, self.net, self.optimizer, self.precision, self.meters,
                 lam=d.lam, smoothing=d.label_smoothing, distill_on=on, skip_nonfinite=self.skip,
             )  # fmt: skip
+            if self.in_step:
+                fn = functools.partial(_render_then, self.loader, fn)
             why, self.why = self.why, ""  # said once, not per phase
             self.steps[on] = GraphedStep(
-                fn, enabled=self.graph_on, warmup=self.warmup, log=self.say, why_disabled=why
-            )
+                fn, enabled=self.graph_on, warmup=self.warmup, log=self.say, why_disabled=why,
+                generators=self.loader.generators if self.in_step else (),
+            )  # fmt: skip
             if on and self.net.kind != "none":
                 self.say(f"distillation on from epoch {self.loader.epoch + 1} (λ={d.lam:g}, kind={d.kind})")
         return self.steps[on]
 
     def train_step(self, batch: Any) -> None:
         on = self.net.kind != "none" and distill_active(self.loader.epoch, self.cfg.distill.start_epoch)
+        if self.in_step:
+            self.loader.seed_views(batch)  # host side; a replay reads the generator's seed
+            self._step_for(on)(batch.indices, batch.labels)
+            return
         x = batch.views[0]
         self._step_for(on)(x, batch.labels.to(x.device, non_blocking=True))
 

@@ -18,17 +18,24 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastvpd import config, dist, engine
+from fastvpd.data import views_in_step
 from fastvpd.knn import knn_accuracy
 from fastvpd.moco import MoCo
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import MOCO_METRICS, DeviceMeters, GraphedStep, Precision, moco_step, pin_lr, setup_backends
 
 
+def _render_then(loader: Any, fn: Any, indices: torch.Tensor) -> dict[str, Any]:
+    """A step that first renders the batch's two views from its indices (cache backend, data.aug_in_step)."""
+    return fn(*loader.augment(indices))
+
+
 class MocoTask:
     """The engine's Task for MoCo: a (graphed) `moco_step` per batch, a kNN monitor as evaluation.
 
     `model` is the plain MoCo module (its state_dict keys never carry a DDP prefix); with several
-    processes `model.query` runs through a DDP wrapper (`MoCo.route_query`).
+    processes `model.query` runs through a DDP wrapper (`MoCo.route_query`). With the cache backend the
+    step also renders the two views from the batch's indices (`data.aug_in_step`), inside the graph.
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class MocoTask:
         lr: float,
         eval_loaders: tuple[Any, Any] | None,
         say: Any,
+        loader: Any,
     ) -> None:
         info = dist.info()
         self.cfg, self.model, self.optimizer, self.precision = cfg, model, optimizer, precision
@@ -58,16 +66,25 @@ class MocoTask:
             else ""
         )
         fn = functools.partial(moco_step, model, optimizer, precision, self.meters, skip_nonfinite=skip)
+        self.loader = loader
+        self.in_step = views_in_step(cfg.data, loader, say)
+        if self.in_step:
+            fn = functools.partial(_render_then, loader, fn)
         self.step = GraphedStep(
             fn,
             enabled=cfg.train.cuda_graph and not why and info.device.type == "cuda",
             warmup=11 if info.distributed else 3,
             log=say,
             why_disabled=why,
+            generators=loader.generators if self.in_step else (),
         )
 
     def train_step(self, batch: Any) -> None:
-        self.step(batch.views[0], batch.views[1])
+        if self.in_step:
+            self.loader.seed_views(batch)  # host side; a replay reads the generator's seed
+            self.step(batch.indices)
+        else:
+            self.step(batch.views[0], batch.views[1])
 
     def set_lr(self, lr: float) -> None:
         self.lr.fill_(lr)
@@ -162,7 +179,7 @@ def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
         say("torch.compile: query and key encoders compiled (first steps are slow)")
     if info.distributed:
         _route_query_through_ddp(model, info.device)
-    task = MocoTask(cfg, model, optimizer, precision, lr, eval_loaders, say)
+    task = MocoTask(cfg, model, optimizer, precision, lr, eval_loaders, say, loader)
     return task, loader, engine.schedule_for(cfg, loader, lr)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -271,6 +271,10 @@ class GraphedStep:
     and then replays it, so every batch is trained exactly once. Later calls copy their inputs into the
     static buffers and replay. A capture failure, or inputs of another shape, fall back to eager with one
     log line. The returned dict holds the graph's static outputs: read them before the next call.
+
+    `generators`: non-default CUDA generators `fn` draws from (the cache loader's augmentation). They are
+    registered with the graph, so each replay draws from the generator's current seed and offset exactly
+    as the eager call would (the default generator is registered by PyTorch itself).
     """
 
     def __init__(
@@ -280,8 +284,10 @@ class GraphedStep:
         warmup: int = 3,
         log: Callable[[str], None] = print,
         why_disabled: str = "",
+        generators: Sequence[torch.Generator] = (),
     ) -> None:
         self.fn = fn
+        self.generators = list(generators)
         self.log = log
         self.warmup = warmup
         self.calls = 0
@@ -328,12 +334,17 @@ class GraphedStep:
     def _capture(self, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
         self.static_in = [t.detach().clone() for t in inputs]
         graph = torch.cuda.CUDAGraph()
+        states = [g.get_state() for g in self.generators]
         torch.cuda.synchronize()
         try:
+            for g in self.generators:
+                graph.register_generator_state(g)
             with torch.cuda.graph(graph):
                 out = self.fn(*self.static_in)
         except Exception as e:  # capture is all-or-nothing: nothing ran, so this step is simply redone
             torch.cuda.synchronize()
+            for g, st in zip(self.generators, states):
+                g.set_state(st)  # the eager redo draws what the graph would have
             self.enabled = False
             self.static_in = []
             self.log(

@@ -228,3 +228,32 @@ def test_torchvision_persistent_workers_follow_the_epoch(digits_converted: Path)
     common = set(by_index[0]) & set(by_index[1])
     assert common and sum(not torch.equal(by_index[0][i], by_index[1][i]) for i in common) > len(common) // 2
     assert same(epoch(persistent, 1, start=1), runs[1][1:])
+
+
+def test_cache_views_in_step_are_the_loaders_views(digits_converted: Path) -> None:
+    """data.aug_in_step: index-only batches + seed; seed_views + augment renders the very same pixels."""
+    from fastvpd.data import views_in_step
+
+    cfg = _cfg(digits_converted, "cache")
+    said: list[str] = []
+    plain = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=3)
+    deferred = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=3)
+    assert views_in_step(cfg, deferred, said.append) and "inside the training step" in said[-1]
+    for epoch, start in ((0, 0), (1, 2)):  # a later epoch, resumed mid-way
+        plain.set_epoch(epoch, start)
+        deferred.set_epoch(epoch, start)
+        for a, b in itertools.islice(zip(plain, deferred), 3):
+            assert b.views == [] and b.seed is not None
+            assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+            deferred.seed_views(b)
+            for va, vb in zip(a.views, deferred.augment(b.indices)):
+                assert torch.equal(va, vb)
+    with pytest.raises(ValueError, match="deferred batch"):
+        deferred.seed_views(next(iter(plain)))
+    # off by config, or a backend that renders on the host: ordinary batches
+    assert not views_in_step(DataConfig(root=str(digits_converted), aug_in_step=False), plain, said.append)
+    ffcv = build_loader(_cfg(digits_converted, "ffcv"), moco_v2(RES), "train", BS, "cpu", torch.float32)
+    assert not views_in_step(cfg, ffcv, said.append)
+    aa = build_loader(cfg, supervised(RES, autoaugment=True), "train", BS, "cpu", torch.float32)
+    assert not views_in_step(cfg, aa, said.append) and "AutoAugment" in said[-1]
+    assert next(iter(aa)).views  # still renders in the loader

@@ -145,3 +145,33 @@ def test_twelve_epochs_learn(digits_converted: Path, tmp_path: Path) -> None:
     assert abs(by_epoch[2] - plateau) < 0.1, by_epoch  # the queue is full of real keys: at the plateau
     assert by_epoch[12] < plateau - 0.3 and by_epoch[12] < by_epoch[2] - 0.3, by_epoch  # and it falls
     assert knn and knn[-1] > 50.0, knn
+
+
+def test_views_rendered_in_the_step_train_bit_identically(
+    digits_converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """data.aug_in_step (the cache default): the step renders the views from indices + seed, which on a
+    GPU puts the augmentation inside the step's CUDA graph. Same draws: the same weights, bit for bit."""
+    from fastvpd import distill
+
+    steps = ["train.max_steps=3", "train.epochs=1"]
+    loader_side = _run(digits_converted, tmp_path / "loader", *steps, "data.aug_in_step=false")
+    assert "inside the training step" not in capsys.readouterr().out
+    in_step = _run(digits_converted, tmp_path / "step", *steps)
+    assert "inside the training step" in capsys.readouterr().out
+    a = checkpoint.load(loader_side / "checkpoints" / "last.pt")["task"]["model"]
+    b = checkpoint.load(in_step / "checkpoints" / "last.pt")["task"]["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(loader_side) == _metrics(in_step)
+    # distillation: one view rendered in the step, same student
+    common = [
+        f"data.root={digits_converted}", "model.arch=resnet18", "aug.res=16", "train.batch_size=16",
+        "train.device=cpu", "train.deterministic=true", "train.epochs=1", "train.max_steps=2",
+        "distill.start_epoch=0", "eval.every=0", "log.progress=false", "log.tensorboard=false",
+        f"distill.teacher={in_step / 'checkpoints' / 'last.pt'}",
+    ]  # fmt: skip
+    da = distill.main([*common, f"train.out_dir={tmp_path / 'd_loader'}", "data.aug_in_step=false"])
+    db = distill.main([*common, f"train.out_dir={tmp_path / 'd_step'}"])
+    sa = checkpoint.load(da / "checkpoints" / "last.pt")["task"]["classifier"]["state_dict"]
+    sb = checkpoint.load(db / "checkpoints" / "last.pt")["task"]["classifier"]["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

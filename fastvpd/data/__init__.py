@@ -29,6 +29,7 @@ __all__ = [
     "moco_v2",
     "shard_indices",
     "supervised",
+    "views_in_step",
     "with_res",
 ]
 
@@ -54,11 +55,33 @@ def torch_threads_kept() -> Iterator[None]:
 
 @dataclass
 class Batch:
-    """views: one tensor per view [N, 3, H, W] (channels-last, normalised); labels/indices: int64 [N]."""
+    """views: one tensor per view [N, 3, H, W] (channels-last, normalised); labels/indices: int64 [N].
+
+    A loader whose views are rendered inside the training step (`CacheLoader.defer_views`) yields
+    `views=[]` and the batch's augmentation seed in `seed`.
+    """
 
     views: list[Tensor]
     labels: Tensor
     indices: Tensor
+    seed: int | None = None
+
+
+def views_in_step(data_cfg: Any, loader: Any, say: Any = print) -> bool:
+    """Let the training step render the views (`data.aug_in_step`, cache backend on the device).
+
+    True: `loader` now yields index-only batches (`Batch.seed` set); the step must call
+    `loader.seed_views(batch)` and render `loader.augment(batch.indices)` itself. False: ordinary batches,
+    with one line saying why when the config asked for it.
+    """
+    if not data_cfg.aug_in_step or not hasattr(loader, "defer_views"):
+        return False
+    why = loader.defer_views()
+    if why:
+        say(f"augmentation rendered by the loader, not in the step: {why}")
+        return False
+    say("augmentation rendered inside the training step (on a GPU, captured in its CUDA graph)")
+    return True
 
 
 def mix_seed(*parts: int) -> int:

@@ -139,6 +139,7 @@ class CacheLoader(LoaderBase):
             store = torch.empty((cap, 3), dtype=torch.uint8, device=dev)
             self._cap = cap
         self.aug = PixelAugmenter(spec, store, self.offsets, self.heights, self.widths, dtype, self.gen)
+        self.deferred = False  # defer_views(): batches carry indices + seed, the step renders the views
 
     # --------------------------------------------------------------------------------------- device API
     def augment(self, indices: Tensor) -> list[Tensor]:
@@ -146,6 +147,32 @@ class CacheLoader(LoaderBase):
         if self.placement != "device":
             raise RuntimeError("augment(indices) needs the device placement; iterate the loader instead")
         return self.aug.augment(indices)
+
+    def defer_views(self) -> str:
+        """Yield index-only batches (`views=[]`, `seed` set) whose views the training step renders.
+
+        The step then calls `seed_views(batch)` on the host and `augment(batch.indices)` inside itself,
+        so a CUDA graph captures the augmentation with the step (the generator is registered with the
+        graph: `generators`). Same draws, same pixels as the loader rendering them. Returns '' when
+        switched on, else why it cannot be.
+        """
+        if self.placement != "device":
+            return "the pixel cache is in host memory (it does not fit on the device)"
+        if any(v.autoaugment for v in self.spec.views):
+            return "AutoAugment draws its policies on the host"
+        self.deferred = True
+        return ""
+
+    def seed_views(self, batch: Batch) -> None:
+        """Host side of a deferred batch: seed the augmentation generator (a graph replay reads it)."""
+        if batch.seed is None:
+            raise ValueError("seed_views needs a deferred batch (CacheLoader.defer_views)")
+        self.gen.manual_seed(batch.seed)
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """Generators the augmentation draws from (to register with a CUDA graph that captures it)."""
+        return [self.gen]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator": self.gen.get_state()}
@@ -171,7 +198,11 @@ class CacheLoader(LoaderBase):
     def _iter_device(self, order: Tensor) -> Iterator[Batch]:
         dev_order = order.to(self.device, non_blocking=True)
         for k, idx in enumerate(self._batches(dev_order)):
-            self.gen.manual_seed(self.step_seed(self.start_step + k))
+            seed = self.step_seed(self.start_step + k)
+            if self.deferred:
+                yield Batch([], self.labels[idx], idx, seed)
+                continue
+            self.gen.manual_seed(seed)
             views = self.aug.augment(idx)
             yield Batch(views, self.labels[idx], idx)
 
