@@ -268,7 +268,7 @@ def synthetic_views(
     return v[0].contiguous(memory_format=fmt), v[1].contiguous(memory_format=fmt)
 
 
-def _moco_model(opts: Options, device: torch.device) -> nn.Module:
+def _moco_model(opts: Options, device: torch.device, split_bn: str = "blocks") -> nn.Module:
     from fastvpd.config import MocoConfig
 
     moco_mod = _require("fastvpd.moco", "fastvpd.moco")
@@ -284,6 +284,7 @@ def _moco_model(opts: Options, device: torch.device) -> nn.Module:
         margin=mc.margin,
         bn_splits=mc.bn_splits if opts.batch % mc.bn_splits == 0 else 1,
         small_stem=opts.res <= 32,
+        split_bn=split_bn,
     )
     return model.to(device).train()
 
@@ -319,13 +320,15 @@ def _reference_rung(
     return step
 
 
-def _package_rung(opts: Options, device: torch.device, graphed: bool, compiled: bool) -> Callable[[], Any]:
+def _package_rung(
+    opts: Options, device: torch.device, graphed: bool, compiled: bool, split_bn: str = "blocks"
+) -> Callable[[], Any]:
     step_mod = _require("fastvpd.step", "fastvpd.step")
     from fastvpd.config import OptimConfig
     from fastvpd.optim import build_sgd
 
     oc = OptimConfig()
-    model = _moco_model(opts, device).to(memory_format=torch.channels_last)
+    model = _moco_model(opts, device, split_bn).to(memory_format=torch.channels_last)
     if compiled:
         model.encoder_q = torch.compile(model.encoder_q)
         model.encoder_k = torch.compile(model.encoder_k)
@@ -365,6 +368,14 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
             warmup_extra=4,
         ),
     ]
+    # split-BN's other eager implementation (all groups' statistics in two reductions): graphed on a GPU
+    rungs.append(
+        Rung(
+            "+ split-BN fused statistics",
+            lambda: _package_rung(opts, device, gpu, False, "fused"),
+            warmup_extra=4 if gpu else 0,
+        )
+    )
     if opts.compile:
         rungs.append(
             Rung(
@@ -373,6 +384,14 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
                 warmup_extra=2,
             )
         )
+        if gpu:
+            rungs.append(
+                Rung(
+                    "+ torch.compile + CUDA graph",
+                    lambda: _package_rung(opts, device, True, True),
+                    warmup_extra=4,
+                )
+            )
     return rungs
 
 

@@ -76,6 +76,9 @@ class MocoConfig:
     temperature: float = 0.2
     margin: float = 0.4  # authors' code; 0 gives plain MoCo v2
     bn_splits: int = 8  # single-device shuffle-BN emulation; 1 disables
+    # split-BN's eager kernels: blocks (PyTorch's BN per group, written in place) | fused (all groups'
+    # statistics in two reductions, one normalisation kernel); same maths, see fastvpd.models.SplitBatchNorm
+    split_bn: str = "blocks"
 
 
 @dataclass
@@ -365,6 +368,8 @@ def validate(cfg: Any) -> None:
                 f"moco.queue_size={m.queue_size} is smaller than train.batch_size={cfg.train.batch_size}: "
                 "raise moco.queue_size or lower train.batch_size"
             )
+        if m.split_bn not in ("blocks", "fused"):
+            raise ConfigError(f"moco.split_bn={m.split_bn!r} is not one of blocks, fused")
         if m.bn_splits < 1 or cfg.train.batch_size % m.bn_splits:
             raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size} must be divisible by moco.bn_splits={m.bn_splits}"

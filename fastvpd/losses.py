@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,15 +93,46 @@ def ofd_partial_l2(s: Tensor, t: Tensor, margin: Tensor) -> Tensor:
     `target = max(t, m); loss = (s - target)² · [(s > target) | (target > 0)]`, which is identical to the
     case split above whenever m ≤ 0 (then target > 0 ⇔ t > 0, and target = m exactly when t ≤ m);
     `ofd_margin` always returns m ≤ 0. Computed in fp32 with autocast off.
+
+    When only s needs a gradient (OFD: the teacher is detached) it runs as `_PartialL2`, which keeps the
+    masked difference d and back-propagates 2·d in one kernel (the plain autograd graph streams five
+    fp32 tensors of the feature map's size through memory); otherwise through plain autograd.
     """
     with torch.autocast(device_type=s.device.type, enabled=False):
-        s32, t32 = _up(s), _up(t)
-        m = margin.to(s32.dtype)
-        if m.dim() == 1:
-            m = m.view(1, -1, *([1] * (s32.dim() - 2)))  # m: 1xCx1x1
+        if not (t.requires_grad or margin.requires_grad):
+            return _PartialL2.apply(s, t, margin)
+        s32, t32, m = _up(s), _up(t), _margin_nd(margin, s)
         target = torch.maximum(t32, m)
         mask = (s32 > target) | (target > 0)
         return ((s32 - target).square() * mask).sum()
+
+
+def _margin_nd(margin: Tensor, s: Tensor) -> Tensor:
+    """margin [C] (or already broadcastable) as fp32 (fp64 for fp64 s) 1xCx1x1."""
+    m = margin.to(torch.promote_types(s.dtype, torch.float32))
+    return m.view(1, -1, *([1] * (s.dim() - 2))) if m.dim() == 1 else m
+
+
+class _PartialL2(torch.autograd.Function):
+    """`ofd_partial_l2` with a gradient for s only: forward keeps d = (s - max(t, m))·mask in fp32, whose
+    square sums to the loss; backward is ds = 2·g·d, written in s's dtype in one kernel."""
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, t: Tensor, margin: Tensor) -> Tensor:  # type: ignore[override]
+        target = torch.maximum(t, _margin_nd(margin, s))  # fp32 (fp64): the margin's dtype wins
+        d = torch.sub(s, target)
+        keep = (d > 0).logical_or_(target > 0)  # (s > target) | (target > 0)
+        d.mul_(keep)
+        ctx.save_for_backward(d)
+        ctx.s_dtype = s.dtype
+        return torch.linalg.vector_norm(d).square()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        (d,) = ctx.saved_tensors
+        ds = torch.empty_like(d, dtype=ctx.s_dtype)
+        torch.mul(d, 2.0 * g, out=ds)  # computed in fp32, stored in s's dtype
+        return ds, None, None
 
 
 def smoothed_ce(logits: Tensor, target: Tensor, smoothing: float = 0.1) -> Tensor:

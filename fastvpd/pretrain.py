@@ -165,6 +165,7 @@ def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
         m.margin,
         bn_splits,
         cfg.model.small_stem,
+        m.split_bn,
     ).to(info.device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
