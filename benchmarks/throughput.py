@@ -60,7 +60,11 @@ LOADER_BACKENDS = ("torchvision", "ffcv", "ffcv_once", "dali", "dali_fused", "ca
 LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "ffcv_once": ("ffcv", {"ffcv_decode": "once"}),
     "dali_fused": ("dali", {"dali_jitter": "fused"}),
+    "cache_in_loader": ("cache", {"aug_in_step": "false"}),
 }
+# end to end, `cache` renders the views inside the training step (its CUDA graph on a GPU, the default);
+# `cache_in_loader` renders them in the loader, as the loaders section times it
+E2E_BACKENDS = (*LOADER_BACKENDS, "cache_in_loader")
 
 
 def _loader_variant(name: str) -> tuple[str, dict[str, str]]:
@@ -117,7 +121,7 @@ class Options:
     loader_batches: int = 0
     loader_workers: int = 0
     e2e_steps: int = 0
-    e2e_backends: tuple[str, ...] = LOADER_BACKENDS
+    e2e_backends: tuple[str, ...] = E2E_BACKENDS
     loader_backends: tuple[str, ...] = LOADER_BACKENDS
     amp: str = "bf16"
     threads: int = 0
@@ -662,7 +666,7 @@ def section_steps(opts: Options, device: torch.device) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- distillation
 def _distill_rung(
-    opts: Options, device: torch.device, channels_last: bool, amp: str, graphed: bool
+    opts: Options, device: torch.device, channels_last: bool, amp: str, graphed: bool, compiled: bool = False
 ) -> Callable[[], Any]:
     """The package's distillation step (OFD): frozen teacher forward, student forward/backward, connectors."""
     classifier = _require("fastvpd.classifier", "fastvpd.classifier (distillation step)")
@@ -678,6 +682,8 @@ def _distill_rung(
     net = classifier.DistillNet(student, teacher, "ofd", dc.teacher_bn, list(dc.stage_weights)).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    if compiled:
+        net.compile()  # as fastvpd.distill with train.compile=true
     lr = torch.tensor(oc.lr * opts.batch / oc.lr_batch, dtype=torch.float32, device=device)
     opt = build_sgd(net.trainable(), oc, lr)
     step_mod.pin_lr(opt, lr)
@@ -718,6 +724,14 @@ def section_distill(opts: Options, device: torch.device) -> dict[str, Any]:
             warmup_extra=4,
         ),
     ]
+    if opts.compile and gpu:
+        rungs.append(
+            Rung(
+                "+ torch.compile + CUDA graph",
+                lambda: _distill_rung(opts, device, True, amp, True, compiled=True),
+                warmup_extra=4,
+            )
+        )
     peak, _ = device_peak(device)
     res = run_ladder(rungs, opts, device, peak)
     res["notes"] = [
@@ -1194,6 +1208,8 @@ def section_e2e(
     notes = [
         f"steady state after the first steps; data stall = host time waiting for the next batch / wall; "
         f"{opts.e2e_steps} steps of {opts.batch}",
+        "cache: views rendered inside the training step (captured in its CUDA graph on a GPU); "
+        "cache_in_loader: rendered by the loader before the step",
     ]
     return {"rows": rows, "notes": notes}
 
@@ -1237,11 +1253,13 @@ def projection(results: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _backend_list(flag: str, text: str, allow_empty: bool) -> tuple[str, ...]:
-    """A comma-separated list of loader rows; a name not in LOADER_BACKENDS is a ConfigError."""
+def _backend_list(
+    flag: str, text: str, allow_empty: bool, allowed: tuple[str, ...] = LOADER_BACKENDS
+) -> tuple[str, ...]:
+    """A comma-separated list of loader rows; a name not in `allowed` is a ConfigError."""
     names = tuple(s.strip() for s in text.split(",") if s.strip())
-    if (not names and not allow_empty) or any(b not in LOADER_BACKENDS for b in names):
-        raise ConfigError(f"{flag} {text!r}: choose from {','.join(LOADER_BACKENDS)}")
+    if (not names and not allow_empty) or any(b not in allowed for b in names):
+        raise ConfigError(f"{flag} {text!r}: choose from {','.join(allowed)}")
     return names
 
 
@@ -1268,7 +1286,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     p.add_argument(
         "--e2e-steps", type=int, default=0, help="pretraining steps per backend in the e2e section"
     )
-    p.add_argument("--e2e-backends", default=",".join(LOADER_BACKENDS), help="backends for the e2e section")
+    p.add_argument("--e2e-backends", default=",".join(E2E_BACKENDS), help="backends for the e2e section")
     p.add_argument(
         "--loader-backends", default=",".join(LOADER_BACKENDS), help="backends for the loaders section"
     )
@@ -1285,7 +1303,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
         raise ConfigError(f"--sections {a.sections!r}: choose from {','.join(SECTIONS)}")
-    backends = _backend_list("--e2e-backends", a.e2e_backends, allow_empty=True)
+    backends = _backend_list("--e2e-backends", a.e2e_backends, allow_empty=True, allowed=E2E_BACKENDS)
     loader_backends = _backend_list("--loader-backends", a.loader_backends, allow_empty=False)
     for name in (
         "res",

@@ -232,8 +232,8 @@ def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
         net.trainable(), cfg.optim, torch.tensor(lr, dtype=torch.float32, device=info.device)
     )
     if cfg.train.compile:
-        net.student.compile()
-        say("torch.compile: student compiled (first steps are slow)")
+        net.compile()  # teacher taps, student, connectors and loss in one graph per phase, for Inductor
+        say("torch.compile: the distillation net compiled (first steps are slow)")
     if info.distributed:
         _route_through_ddp(net, info.device)
     task = DistillTask(cfg, net, optimizer, precision, lr, loader, val_loader, classes, say)

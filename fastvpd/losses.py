@@ -96,11 +96,12 @@ def ofd_partial_l2(s: Tensor, t: Tensor, margin: Tensor) -> Tensor:
 
     When only s needs a gradient (OFD: the teacher is detached) it runs as `_PartialL2`, which keeps the
     masked difference d and back-propagates 2·d in one kernel (the plain autograd graph streams five
-    fp32 tensors of the feature map's size through memory); otherwise through plain autograd.
+    fp32 tensors of the feature map's size through memory); otherwise, and under torch.compile, through
+    plain autograd.
     """
     with torch.autocast(device_type=s.device.type, enabled=False):
-        if not (t.requires_grad or margin.requires_grad):
-            return _PartialL2.apply(s, t, margin)
+        if not (t.requires_grad or margin.requires_grad or torch.compiler.is_compiling()):
+            return _PartialL2.apply(s, t, margin)  # (compiled, Inductor fuses the plain form itself)
         s32, t32, m = _up(s), _up(t), _margin_nd(margin, s)
         target = torch.maximum(t32, m)
         mask = (s32 > target) | (target > 0)
