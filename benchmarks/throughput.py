@@ -54,17 +54,18 @@ from fastvpd.config import ConfigError, UserError, main_guard  # noqa: E402
 RECIPE_IMAGES = 50_000
 RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
-LOADER_BACKENDS = ("torchvision", "ffcv", "ffcv_once", "dali", "dali_fused", "cache")
+LOADER_BACKENDS = ("torchvision", "ffcv", "ffcv_once", "dali", "dali_fused", "cache", "cache_graphed")
 # loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per sample
 # for both views (instead of once per view), dali with the fused instead of the exact colour jitter
 LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "ffcv_once": ("ffcv", {"ffcv_decode": "once"}),
     "dali_fused": ("dali", {"dali_jitter": "fused"}),
     "cache_in_loader": ("cache", {"aug_in_step": "false"}),
+    "cache_graphed": ("cache", {}),  # loaders: the views replayed from a CUDA graph (GPU only)
 }
 # end to end, `cache` renders the views inside the training step (its CUDA graph on a GPU, the default);
-# `cache_in_loader` renders them in the loader, as the loaders section times it
-E2E_BACKENDS = (*LOADER_BACKENDS, "cache_in_loader")
+# `cache_in_loader` renders them in the loader, as the loaders section's `cache` row times it
+E2E_BACKENDS = (*(b for b in LOADER_BACKENDS if b != "cache_graphed"), "cache_in_loader")
 
 
 def _loader_variant(name: str) -> tuple[str, dict[str, str]]:
@@ -522,6 +523,37 @@ def _cycle(loader: Any) -> Iterator[Any]:
         epoch += 1
 
 
+class GraphedViews:
+    """The cache loader with its views rendered as the training step renders them (data.aug_in_step):
+    index-only batches, the generator seeded on the host, the augmentation replayed from one CUDA graph.
+    The views are the graph's static outputs (valid until the next batch), as inside the step."""
+
+    def __init__(self, loader: Any) -> None:
+        step_mod = _require("fastvpd.step", "fastvpd.step")
+        why = loader.defer_views()
+        if why:
+            raise Skip(f"views cannot be rendered in a graph: {why}")
+        self.loader = loader
+
+        def render(indices: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {str(i): v for i, v in enumerate(loader.augment(indices))}
+
+        gens = loader.generators
+        self.step = step_mod.GraphedStep(render, enabled=True, warmup=2, log=log, generators=gens)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_step)
+
+    def __iter__(self) -> Iterator[Any]:
+        for b in self.loader:
+            self.loader.seed_views(b)
+            out = self.step(b.indices)
+            yield type(b)([out[str(i)] for i in range(len(out))], b.labels, b.indices)
+
+
 def measure_one_loader(name: str, root: Path, opts: Options, device: torch.device) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
@@ -535,7 +567,11 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
     dtype = torch.bfloat16 if device.type == "cuda" and opts.amp == "bf16" else torch.float32
     spec = data_mod.moco_v2(opts.res)
     t0 = time.perf_counter()
+    if name == "cache_graphed" and device.type != "cuda":
+        raise Skip("needs a CUDA GPU (on CPU it is the cache row)")
     loader = data_mod.build_loader(cfg, spec, "train", opts.batch, device, dtype, seed=0)
+    if name == "cache_graphed":
+        loader = GraphedViews(loader)
     it = _cycle(loader)
     first = next(it)
     assert len(first.views) == 2 and first.views[0].shape[-1] == opts.res, "loader broke the contract"
@@ -546,6 +582,8 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
     # The timed batches should not cross an epoch end, where a process pool idles for one batch time.
     per_epoch = len(loader)
     warm = max(1, getattr(loader, "workers", 1) if backend == "torchvision" else 1)
+    if name == "cache_graphed":
+        warm = 3  # two eager warm-up renders, then the capture
     warm = min(warm, max(1, per_epoch - 1 - opts.loader_batches))
     for _ in range(warm):
         next(it)
