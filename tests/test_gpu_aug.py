@@ -304,3 +304,72 @@ def test_cpu_kernel_augmenter_equals_batched_torch_path(
     for a, b in zip(fast, ref):
         assert a.shape == b.shape and (a.dim() != 4 or a.is_contiguous(memory_format=torch.channels_last))
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_window_gather_equals_flat_gather() -> None:
+    """The broadcast gather over an overlapping window of the store reads exactly the flat-index pixels,
+    including 1-pixel-wide/tall images and a last image narrower than the window."""
+    imgs = [*_images(5), _images(6)[2][:1], _images(6)[0][:, :1], _images(6)[1][:, :7]]
+    pixels, offsets, H, W = _store(imgs)
+    k, rows = G.store_window(H, W)
+    assert k == int(W.max()) and pixels.shape[0] >= rows
+    g = torch.Generator().manual_seed(3)
+    crop = moco_v2(16).views[0].crop
+    for res in (5, 16):
+        top, left, ch, cw = G.sample_rrc(H, W, crop, g)
+        flip = torch.rand(len(imgs), generator=g) < 0.5
+        ys, xs = G.rrc_maps(top, left, ch, cw, res, flip)
+        ref = G.resample(pixels, offsets, W, ys, xs)
+        assert torch.equal(G.resample(pixels, offsets, W, ys, xs, window=k), ref)
+        ys, xs = G.eval_maps(H, W, G.resize_center_boxes(H, W, ResizeCenterCrop(res, res + 3))[0], res)
+        assert torch.equal(
+            G.resample(pixels, offsets, W, ys, xs, window=k), G.resample(pixels, offsets, W, ys, xs)
+        )
+
+
+@needs_kernel
+def test_fixed_shape_render_equals_cpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capturable path the GPU runs renders what the numba kernel and the subset path render."""
+    imgs = _images(7)
+    pixels, offsets, H, W = _store(imgs)
+    idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+
+    def render(fixed: bool) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(13)
+        aug = G.PixelAugmenter(moco_v2(24), pixels, offsets, H, W, torch.float32, gen)
+        return aug.render(pixels, offsets[idx], H[idx], W[idx], fixed_shape=fixed)
+
+    fixed, numba = render(True), render(False)
+    monkeypatch.setattr(G, "CPU_KERNEL", False)
+    subset = render(False)
+    for a, b, c in zip(fixed, numba, subset):
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+
+
+def test_blur_matrices_identity_and_non_square_blur() -> None:
+    delta = torch.zeros(2, 5)
+    delta[:, 2] = 1.0
+    assert torch.equal(G.blur_matrices(delta, 9), torch.eye(9).expand(2, 9, 9))
+    x = _batch()[:, :, :, :17]  # 24 x 17
+    sigma = torch.tensor([0.3, 0.9, 1.5, 2.0])
+    out = G.gaussian_blur(x, sigma, 7)
+    for i in range(x.shape[0]):
+        ref = TF.gaussian_blur(x[i], [7, 7], [float(sigma[i])] * 2)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_exact_matmul_turns_tf32_off_and_restores_it() -> None:
+    """The trainer allows TF32; the augmentation's matmuls must not use it (flags only, no GPU needed)."""
+    m = torch.backends.cuda.matmul
+    prev = m.allow_tf32
+    try:
+        m.allow_tf32 = True
+        with G.exact_matmul(torch.device("cuda")):
+            assert m.allow_tf32 is False
+        assert m.allow_tf32 is True
+        with G.exact_matmul(torch.device("cpu")):  # CPU: nothing to change
+            assert m.allow_tf32 is True
+    finally:
+        m.allow_tf32 = prev

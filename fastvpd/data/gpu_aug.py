@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from fastvpd.data.spec import ColorJitter, RandomResizedCrop, ResizeCenterCrop, ViewSpec
 
@@ -68,11 +70,9 @@ def sample_rrc(
     ch_f, cw_f = fh, fw
     top_f = torch.div(H - ch_f, 2, rounding_mode="floor")
     left_f = torch.div(W - cw_f, 2, rounding_mode="floor")
-    pick = [
-        torch.where(any_valid, a, c)
-        for a, c in ((top_t, top_f), (left_t, left_f), (ch_t, ch_f), (cw_t, cw_f))
-    ]
-    return tuple(t.to(torch.int64) for t in pick)  # type: ignore[return-value]
+    tried = torch.stack((top_t, left_t, ch_t, cw_t))
+    pick = torch.where(any_valid, tried, torch.stack((top_f, left_f, ch_f, cw_f))).to(torch.int64)
+    return tuple(pick.unbind(0))  # type: ignore[return-value]
 
 
 def resize_center_boxes(
@@ -121,33 +121,58 @@ def axis_map(
     centre-crop start in source units). `flip` [B] bool mirrors the output along this axis.
     """
     o = torch.arange(res, device=lo.device, dtype=torch.float32)
-    src = (off.float()[:, None] + (o[None] + 0.5) * step.float()[:, None] - 0.5).clamp_min(0.0)
+    if flip is not None:  # mirrored samples read output column res-1-o (same values as flipping the maps)
+        o = torch.where(flip[:, None], (res - 1) - o, o)
+    src = (off.float()[:, None] + (o + 0.5) * step.float()[:, None] - 0.5).clamp_min(0.0)
     i0f = torch.floor(src)
     frac = src - i0f
     i0 = (i0f.to(torch.int64) + lo[:, None]).minimum(hi[:, None])
     i1 = (i0 + 1).minimum(hi[:, None])
-    if flip is not None:
-        f = flip[:, None]
-        i0, i1, frac = (torch.where(f, t.flip(-1), t) for t in (i0, i1, frac))
     return AxisMap(i0, i1, frac)
 
 
-def resample(pixels: Tensor, base: Tensor, width: Tensor, ys: AxisMap, xs: AxisMap) -> Tensor:
+def store_window(heights: Tensor, widths: Tensor) -> tuple[int, int]:
+    """(K, rows): the widest image K, and the store size from which `resample(..., window=K)` is safe.
+
+    Host values, computed once per store (one sync, outside any captured region).
+    """
+    if heights.numel() == 0:
+        return 1, 1
+    k = int(widths.max())
+    return k, int(((heights.to(torch.int64) - 1) * widths.to(torch.int64)).max()) + k
+
+
+def resample(
+    pixels: Tensor, base: Tensor, width: Tensor, ys: AxisMap, xs: AxisMap, window: int | None = None
+) -> Tensor:
     """Bilinear gather from the flat store: float32 [B, 3, R, R] in [0, 1], channels-last memory.
 
     Sample b, output (y, x) blends pixels[base[b] + Y*width[b] + X] for Y in {y0, y1}, X in {x0, x1}.
+    One gather fetches all four corners as uint8 [B, R, 2, R, 2, 3]. With `window` = K (see
+    `store_window`: K >= every width and pixels.shape[0] >= (h-1)*w + K for every image read) it indexes
+    an overlapping [P-K+1, K] view of the store with a row vector and a column vector that broadcast, so no
+    per-pixel index tensor is written; otherwise a flat int64 index [B, R, 2, R, 2] is built. Then a lerp
+    along x (weights scaled by 1/255, the uint8 -> float cast folded in) and one along y.
     """
-    rowbase0 = base[:, None] + ys.i0 * width[:, None]  # [B, R]
-    rowbase1 = base[:, None] + ys.i1 * width[:, None]
-
-    def gather(rb: Tensor, xi: Tensor) -> Tensor:
-        idx = rb[:, :, None] + xi[:, None, :]  # [B, R, R]
-        return pixels[idx].to(torch.float32)  # [B, R, R, 3]
-
-    fx = xs.frac[:, None, :, None]
-    top = torch.lerp(gather(rowbase0, xs.i0), gather(rowbase0, xs.i1), fx)
-    bot = torch.lerp(gather(rowbase1, xs.i0), gather(rowbase1, xs.i1), fx)
-    out = torch.lerp(top, bot, ys.frac[:, :, None, None]).mul_(1.0 / 255.0)
+    rows = torch.stack((ys.i0, ys.i1), dim=2)  # [B, R, 2]
+    cols = torch.stack((xs.i0, xs.i1), dim=2)
+    p = pixels.shape[0]
+    wd = width[:, None, None]
+    if window is not None and pixels.stride() == (3, 1) and p >= window:
+        k = window
+        # shift each sample's row starts back (and its columns forward) so the last row read still has a
+        # full K-wide window inside the store; exact, because row + column is unchanged
+        shift = (base + ys.i1.amax(dim=1) * width + k - p).clamp_min(0)
+        r = (base - shift)[:, None, None] + rows * wd
+        c = cols + shift[:, None, None]
+        win = pixels.as_strided((p - k + 1, k, 3), (3, 3, 1))
+        g = win[r[:, :, :, None, None], c[:, None, None]]
+    else:
+        g = pixels[(base[:, None, None] + rows * wd)[:, :, :, None, None] + cols[:, None, None]]
+    fx = xs.frac[:, None, None, :, None]
+    t = g[..., 0, :] * ((1.0 - fx) * (1.0 / 255.0))  # [B, R, 2, R, 3] float32
+    t.addcmul_(g[..., 1, :], fx * (1.0 / 255.0))
+    out = torch.lerp(t[:, :, 0], t[:, :, 1], ys.frac[:, :, None, None])  # [B, R, R, 3]
     return out.permute(0, 3, 1, 2)  # NHWC memory == channels-last NCHW view
 
 
@@ -173,68 +198,159 @@ def eval_maps(heights: Tensor, widths: Tensor, box: tuple, res: int) -> tuple:
 
 
 # ---------------------------------------------------------------------------------- photometric ops
+# Every op below streams whole [B, 3, H, W] float32 batches through memory, so they are written to make
+# few passes: a brightness/contrast/saturation blend is one per-sample 3x3 colour matrix (one batched
+# matmul + clamp), grayscale and normalisation fold into one more matrix, the blur is two batched matmuls
+# with banded per-sample matrices, and hue runs a short closed form. Matmuls run in IEEE fp32 (TF32 off,
+# see `exact_matmul`): they must give the same pixels as torchvision's elementwise formulas.
+@contextmanager
+def exact_matmul(device: torch.device) -> Iterator[None]:
+    """Turn TF32 off for CUDA matmuls inside (the trainer may allow it globally); restore it after.
+
+    A process-wide flag: a matmul another thread launches meanwhile also runs in full fp32 (slower, not
+    less exact). CPU matmuls are fp32 unless the user lowered torch's fp32 matmul precision.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    try:
+        prev: Any = m.allow_tf32
+        legacy = True
+    except RuntimeError:  # the new fp32_precision API was used: stay on it
+        prev, legacy = m.fp32_precision, False
+    if legacy:
+        m.allow_tf32 = False
+    else:
+        m.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if legacy:
+            m.allow_tf32 = prev
+        else:
+            m.fp32_precision = prev
+
+
+@dataclass
+class _Consts:
+    """Small device constants, built with kernels only (a host->device copy would break graph capture)."""
+
+    gray: Tensor  # [3] torchvision luma weights
+    eye: Tensor  # [3, 3]
+    diff: Tensor  # [3, 3]: (diff @ rgb)[c] = rgb[c+1] - rgb[c+2] (hue numerators)
+    hue_off: Tensor  # [3]: where r, g, b sit on the hue hexagon, shifted for the closed form in `_hue`
+
+    @staticmethod
+    def make(device: torch.device) -> _Consts:
+        gray = torch.full((3,), _GRAY_W[2], device=device)
+        gray[0], gray[1] = _GRAY_W[0], _GRAY_W[1]
+        eye = torch.eye(3, device=device)
+        diff = eye.roll(1, dims=1) - eye.roll(2, dims=1)
+        hue_off = torch.arange(3, device=device, dtype=torch.float32).mul_(4.0).remainder_(6.0)  # 0, 4, 2
+        return _Consts(gray, eye, diff, hue_off)
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[B, 3, H, W] -> [B, H*W, 3] pixel rows (a view when x is channels-last)."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _unflat(y: Tensor, h: int, w: int) -> Tensor:
+    """[B, H*W, C] -> [B, C, H, W] channels-last view."""
+    return y.view(y.shape[0], h, w, y.shape[2]).permute(0, 3, 1, 2)
+
+
 def rgb_to_gray(x: Tensor) -> Tensor:
     """[B, 1, H, W] luma, torchvision weights."""
     return x[:, 0:1] * _GRAY_W[0] + x[:, 1:2] * _GRAY_W[1] + x[:, 2:3] * _GRAY_W[2]
 
 
-def _bcast(f: Tensor) -> Tensor:
-    return f.view(-1, 1, 1, 1)
+def blend_matrices(f: Tensor, op: Tensor, act: Tensor, c: _Consts) -> tuple[Tensor, Tensor]:
+    """torchvision's blends as colour matrices, any batch shape [...]: (mix, mean_w), [..., 3, 3] each.
+
+    Row-vector pixels: blend(x) = clamp(x @ mix + mean3 @ mean_w, 0, 1), mean3 = the image's channel means.
+    op 0 brightness (f x), 1 contrast (f x + (1-f) mean(gray)), 2 saturation (f x + (1-f) gray(x));
+    identity where not `act` (exactly: f = 1).
+    """
+    f = torch.where(act, f, 1.0)
+    one_m = 1.0 - f
+    sat = torch.where(op == 2, one_m, 0.0)[..., None, None]
+    con = torch.where(op == 1, one_m, 0.0)[..., None, None]
+    w1 = c.gray[:, None].expand(3, 3)  # column j = the luma weights: x @ w1 = gray in every channel
+    mix = torch.addcmul(f[..., None, None] * c.eye, sat, w1)
+    return mix, con * w1
 
 
-def blend(x: Tensor, ref: Tensor | float, f: Tensor) -> Tensor:
-    """torchvision `_blend`: clamp(f*x + (1-f)*ref, 0, 1) with per-sample f."""
-    f = _bcast(f)
-    return (f * x + (1.0 - f) * ref).clamp_(0.0, 1.0)
+def blend_apply(x: Tensor, mix: Tensor, mean_w: Tensor) -> Tensor:
+    """clamp(x @ mix + mean3 @ mean_w, 0, 1) per sample: one matmul pass and an in-place clamp."""
+    b, _, h, w = x.shape
+    xf = _flat(x)
+    bias = torch.bmm(xf.mean(dim=1, keepdim=True), mean_w)  # [B, 1, 3]
+    return _unflat(torch.baddbmm(bias, xf, mix).clamp_(0.0, 1.0), h, w)
+
+
+def blend_lazy(x: Tensor, beta: Tensor, mix: Tensor, mean_w: Tensor, colsum: Tensor) -> tuple[Tensor, Tensor]:
+    """`blend_apply` on the image x + beta (beta [B, 1, 1]: a per-sample offset common to all channels,
+    carried instead of added), returning the result in the same form.
+
+    (x + beta) @ mix = x @ mix + beta * colsum(mix), and the contrast term is also the same in every
+    channel, so the offset stays channel-free; the clamp to [0, 1] becomes a clamp of the stored values to
+    [-beta', 1 - beta']. One matmul with no bias operand (a GEMM with a broadcast bias first copies it into
+    its output) and one in-place clamp per blend.
+    """
+    b, _, h, w = x.shape
+    xf = _flat(x)
+    mean3 = xf.mean(dim=1, keepdim=True).add_(beta)  # the true image's channel means
+    beta = torch.addcmul(torch.bmm(mean3, mean_w[:, :, :1]), beta, colsum)  # colsum [B, 1, 1] of mix
+    y = torch.bmm(xf, mix).clamp_(min=beta.neg(), max=1.0 - beta)
+    return _unflat(y, h, w), beta
+
+
+def _blend(x: Tensor, f: Tensor, op: int) -> Tensor:
+    c = _Consts.make(x.device)
+    ops = torch.full_like(f, op, dtype=torch.int64)
+    with exact_matmul(x.device):
+        return blend_apply(x, *blend_matrices(f, ops, torch.ones_like(ops, dtype=torch.bool), c))
 
 
 def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
-    return blend(x, 0.0, f)
+    return _blend(x, f, 0)
 
 
 def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
-    return blend(x, rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
+    return _blend(x, f, 1)
 
 
 def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
-    return blend(x, rgb_to_gray(x), f)
+    return _blend(x, f, 2)
 
 
-def rgb_to_hsv(x: Tensor) -> Tensor:
-    """torchvision `_rgb2hsv` (Pillow's algorithm), batched."""
-    r, g, b = x.unbind(dim=-3)
-    maxc = torch.max(x, dim=-3).values
-    minc = torch.min(x, dim=-3).values
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    crd = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), dim=-3)
+def hue_apply(x: Tensor, f: Tensor, c: _Consts, on: Tensor | None = None) -> Tensor:
+    """torchvision adjust_hue (its `_rgb2hsv`, shift mod 1, `_hsv2rgb`) in closed form; x where not `on`.
 
-
-def hsv_to_rgb(hsv: Tensor) -> Tensor:
-    """HSV -> RGB (= torchvision `_hsv2rgb`) in closed form: c = v - v*s*clamp(min(k, 4-k), 0, 1)."""
-    h, s, v = hsv.unbind(dim=-3)
-    h6 = h * 6.0
-    vs = v * s
-    chans = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + h6, 6.0)
-        chans.append(v - vs * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
-    return torch.stack(chans, dim=-3)
+    With M/m/C the max/min/range over channels and a the first channel holding M, hue*6 is
+    h6 = 2a + (x[a+1] - x[a+2]) / C (mod 6), and `_hsv2rgb`'s v - v*s*clamp(min(k, 4-k), 0, 1) with
+    k = (n + h6 + 6f) mod 6 (n = 5, 3, 1) equals (M - 2C) + C * clamp(|((h6 + 6f + off) mod 6) - 3|, 1, 2).
+    Grey pixels (C = 0) come back unchanged, as in torchvision.
+    """
+    b, _, h, w = x.shape
+    xf = _flat(x)
+    mx, arg = xf.max(dim=2)  # [B, HW]; the first maximal channel, as torchvision's r-then-g order
+    cr = mx - xf.amin(dim=2)
+    d = torch.bmm(c.diff.expand(b, 3, 3), xf.mT)  # [B, 3, HW] planar
+    h6 = d.gather(1, arg[:, None])[:, 0].div_(cr.clamp_min(1e-30)).add_(arg, alpha=2)
+    u = torch.add(h6[:, :, None], torch.add(c.hue_off, f[:, None, None], alpha=6.0))
+    u.remainder_(6.0).sub_(3.0).abs_().clamp_(1.0, 2.0)
+    out = torch.addcmul(torch.sub(mx, cr, alpha=2.0)[:, :, None], cr[:, :, None], u, out=u)
+    if on is not None:
+        out = torch.where(on[:, None, None], out, xf, out=out)
+    return _unflat(out, h, w)
 
 
 def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
     """torchvision adjust_hue with per-sample hue shift f in [-0.5, 0.5]."""
-    hsv = rgb_to_hsv(x)
-    h = torch.remainder(hsv[:, 0] + f.view(-1, 1, 1), 1.0)
-    return hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+    return hue_apply(x, f, _Consts.make(x.device))
 
 
 def gaussian_kernels(sigma: Tensor, k: int) -> Tensor:
@@ -245,15 +361,46 @@ def gaussian_kernels(sigma: Tensor, k: int) -> Tensor:
     return pdf / pdf.sum(dim=1, keepdim=True)
 
 
+def blur_matrices(kernels: Tensor, n: int) -> Tensor:
+    """[B, n, n] matrices A with (A @ v) = v convolved with each 1-D kernel, reflect padding folded in.
+
+    A[b, i, j] sums kernels[b, t] over the taps t whose reflected source row reflect(i + t - k//2) is j.
+    A delta kernel gives the identity exactly.
+    """
+    k = kernels.shape[1]
+    dev = kernels.device
+    i = torch.arange(n, device=dev)
+    src = torch.arange(-(k // 2), k - k // 2, device=dev)[:, None] + i  # [t, i]: tap t of output row i
+    if n > 1:  # reflect (torch's "reflect" pad: -1 -> 1, n -> n-2), periodic beyond one reflection
+        src = src.remainder(2 * n - 2)
+        src = torch.where(src >= n, 2 * n - 2 - src, src)
+    else:
+        src = torch.zeros_like(src)
+    taps = (src[:, :, None] == i).to(torch.float32)  # [t, i, j]
+    return torch.mm(kernels.float(), taps.view(k, n * n)).view(-1, n, n)
+
+
+def _blur_planar(x: Tensor, ay: Tensor, ax: Tensor) -> Tensor:
+    """Separable blur of channels-last x [B, C, H, W] by rows (ay [B, H, H]) then columns (ax [B, W, W]).
+
+    Two batched matmuls whose operand orders turn the layout around for free: the first reads the (y, x, c)
+    memory and writes (x, c, y), the second writes (c, y, x). Returns planar [B, C, H*W].
+    """
+    b, ch, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(b, h, w * ch)  # [B, H, W*C] (a view when channels-last)
+    o = torch.bmm(rows.mT, ay.mT)  # [B, W*C, H]: o[(x, c), y] = sum_y' ay[y, y'] x[y', x, c]
+    z = torch.bmm(o.view(b, w, ch * h).mT, ax.mT)  # [B, C*H, W]
+    return z.view(b, ch, h * w)
+
+
 def gaussian_blur(x: Tensor, sigma: Tensor, k: int) -> Tensor:
-    """Per-sample separable Gaussian blur (reflect padding, as torchvision) via grouped convolutions."""
-    b, c, h, w = x.shape
-    ker = gaussian_kernels(sigma, k).repeat_interleave(c, dim=0)  # [B*C, k]
-    p = k // 2
-    y = F.pad(x.contiguous().view(1, b * c, h, w), (p, p, p, p), mode="reflect")
-    y = F.conv2d(y, ker.view(b * c, 1, k, 1), groups=b * c)
-    y = F.conv2d(y, ker.view(b * c, 1, 1, k), groups=b * c)
-    return y.view(b, c, h, w)
+    """Per-sample separable Gaussian blur (reflect padding, as torchvision), channels-last out."""
+    ker = gaussian_kernels(sigma, k)
+    h, w = x.shape[-2:]
+    with exact_matmul(x.device):
+        ay = blur_matrices(ker, h)
+        z = _blur_planar(x, ay, ay if w == h else blur_matrices(ker, w))
+    return z.view(x.shape).contiguous(memory_format=torch.channels_last)
 
 
 # ------------------------------------------------------------------------------------ per-view params
@@ -293,76 +440,164 @@ def sample_photometric(
     return p
 
 
-def color_jitter(x: Tensor, factors: Tensor, order: Tensor, on: Tensor, subset: bool | None = None) -> Tensor:
+def color_jitter(
+    x: Tensor,
+    factors: Tensor,
+    order: Tensor,
+    on: Tensor,
+    subset: bool | None = None,
+    consts: _Consts | None = None,
+) -> Tensor:
     """torchvision ColorJitter with per-sample factors and per-sample op order; identity where not `on`.
 
-    Fixed-shape form (GPU default, capturable): brightness/contrast/saturation are blends (identity at
-    factor 1, exactly), so each step is one blend with a per-sample reference. Hue, by far the dearest op
-    (rgb -> hsv -> rgb), runs once for the whole batch: first the blends each sample draws *before* its
-    hue (steps 0-2), then hue, then the blends it draws *after* it (steps 1-3). Six blend passes and one
-    hue instead of four of each; every sample still sees its own op order, so the pixels are the same.
+    Fixed-shape form (GPU default, capturable): brightness/contrast/saturation are per-sample colour
+    matrices (identity at factor 1, exactly), so each step is one matmul pass for the whole batch. Hue,
+    the dearest op, runs once for the whole batch: first the blends each sample draws *before* its hue
+    (steps 0-2), then hue, then the blends it draws *after* it (steps 1-3). Six blend passes and one hue
+    instead of four of each; every sample still sees its own op order, so the pixels are the same.
     `subset` form (CPU default): each step applies each op only to the samples drawn for it
-    (data-dependent shapes, a host sync). Both give the same pixels.
+    (data-dependent shapes, a host sync), with the same formulas. Both give the same pixels.
     """
     if subset is None:
         subset = x.device.type == "cpu"
+    c = consts if consts is not None else _Consts.make(x.device)
+    with exact_matmul(x.device):
+        if subset:
+            x = x.clone(memory_format=torch.channels_last)
+            for step in range(4):
+                op = order[:, step]
+                for code in range(4):
+                    sel = (on & (op == code)).nonzero()[:, 0]
+                    if not sel.numel():
+                        continue
+                    f = factors[sel, code]
+                    if code == 3:
+                        x[sel] = hue_apply(x[sel], f, c)
+                    else:
+                        x[sel] = blend_apply(x[sel], *blend_matrices(f, op[sel], on[sel], c))
+            return x
+        x, beta = jitter_fixed(x, factors, order, on, c)
+        return x + beta[:, :, :, None]
+
+
+def jitter_fixed(x: Tensor, factors: Tensor, order: Tensor, on: Tensor, c: _Consts) -> tuple[Tensor, Tensor]:
+    """The fixed-shape `color_jitter` as (stored, beta [B, 1, 1]): the image is stored + beta (`blend_lazy`).
+
+    Hue is unchanged by a common offset (h, s and the max-min range only see channel differences), so its
+    formula applies to the stored values as they are.
+    """
+    with exact_matmul(x.device):
+        x = x.contiguous(memory_format=torch.channels_last)
+        dev = x.device
+        hue_at = (order == 3).to(torch.int64).argmax(dim=1)  # [B] position of hue in each sample's order
+        ops = torch.cat((order.T[0:3], order.T[1:4]))  # [6, B]: steps 0, 1, 2 before hue, then 1, 2, 3
+        before = hue_at > torch.arange(3, device=dev)[:, None]
+        after = hue_at < torch.arange(1, 4, device=dev)[:, None]
+        act = torch.cat((before, after)) & on & (ops < 3)
+        f = factors.gather(1, ops.T.clamp_max(2)).T
+        mix, mean_w = blend_matrices(f, ops, act, c)  # [6, B, 3, 3] each: all passes' matrices at once
+        colsum = mix[..., :1].sum(dim=-2, keepdim=True)  # [6, B, 1, 1]: every column of a mix sums alike
+        beta = x.new_zeros(x.shape[0], 1, 1)
+        for s in range(6):
+            if s == 3:
+                x = hue_apply(x, factors[:, 3], c, on)
+            x, beta = blend_lazy(x, beta, mix[s], mean_w[s], colsum[s])
+        return x, beta
+
+
+def finish(
+    x: Tensor,
+    view: ViewSpec,
+    p: Photometric,
+    mean: Tensor | None = None,
+    std: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    subset: bool = False,
+    consts: _Consts | None = None,
+    beta: Tensor | None = None,
+) -> Tensor:
+    """Grayscale -> blur -> normalise (each where the view and draws ask), channels-last `dtype` out.
+
+    Fixed-shape form: the blur is two banded matmuls (a delta kernel, i.e. the identity, for samples not
+    drawn for it), and grayscale and normalisation are one per-sample colour matrix applied after it (both
+    are per-pixel linear maps, which commute with a blur that treats every channel alike). `subset` form:
+    grayscale and blur only on the samples drawn for them, then `normalize`. `beta` [B, 1, 1]: x stands
+    for x + beta (see `jitter_fixed`); the blur keeps the offset (its kernels sum to 1), the matrix maps it
+    to a per-sample bias added in the pass that casts to `dtype`.
+    """
+    gray_on = p.gray_on
+    blur_on = p.blur_on if view.blur is not None else None
     if subset:
-        x = x.clone()
-        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-        for step in range(4):
-            op = order[:, step]
-            for code, fn in enumerate(ops):
-                sel = (on & (op == code)).nonzero()[:, 0]
-                if sel.numel():
-                    x[sel] = fn(x[sel], factors[sel, code])
-        return x
-    hue_at = (order == 3).to(torch.int64).argmax(dim=1)  # [B] position of hue in each sample's order
-
-    def blend_step(x: Tensor, step: int, active: Tensor) -> Tensor:
-        op = order[:, step]
-        gray = rgb_to_gray(x)
-        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-        opb = op.view(-1, 1, 1, 1)
-        ref = torch.where(opb == 1, mean, torch.where(opb == 2, gray, torch.zeros_like(gray)))
-        f = factors.gather(1, op.clamp_max(2)[:, None])[:, 0]
-        f = torch.where(active & on & (op < 3), f, torch.ones_like(f))
-        return blend(x, ref, f)
-
-    for step in range(3):  # the blends before hue (hue at position 0..3, so only steps 0..2 can precede it)
-        x = blend_step(x, step, hue_at > step)
-    x = torch.where(on.view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
-    for step in range(1, 4):  # the blends after hue
-        x = blend_step(x, step, hue_at < step)
-    return x
+        sel_mask = gray_on if blur_on is None else (blur_on if gray_on is None else gray_on | blur_on)
+        if sel_mask is not None:
+            sel = sel_mask.nonzero()[:, 0]
+            if sel.numel():
+                sub = Photometric(
+                    gray_on=None if gray_on is None else gray_on[sel],
+                    blur_on=None if blur_on is None else blur_on[sel],
+                    sigma=None if blur_on is None else p.sigma[sel],  # type: ignore[index]
+                )
+                x = x.clone(memory_format=torch.channels_last)
+                x[sel] = finish(x[sel], view, sub, consts=consts)
+        return x if mean is None else normalize(x, mean, std, dtype)  # type: ignore[arg-type]
+    if gray_on is None and blur_on is None and mean is None:
+        x = x if beta is None else x + beta[:, :, :, None]
+        return x.to(dtype=dtype, memory_format=torch.channels_last)
+    b, ch, h, w = x.shape
+    c = consts if consts is not None else _Consts.make(x.device)
+    mix = c.eye.expand(b, 3, 3)
+    if gray_on is not None:
+        mix = torch.where(gray_on[:, None, None], c.gray[:, None].expand(3, 3), mix)
+    with exact_matmul(x.device):
+        if blur_on is not None:
+            k = view.blur.kernel_size(h)  # type: ignore[union-attr]
+            ker = gaussian_kernels(p.sigma, k)  # type: ignore[arg-type]
+            delta = (torch.arange(k, device=x.device) == k // 2).to(torch.float32)
+            ker = torch.where(blur_on[:, None], ker, delta)
+            ay = blur_matrices(ker, h)
+            src = _blur_planar(x, ay, ay if w == h else blur_matrices(ker, w)).mT  # [B, HW, 3]
+        else:
+            src = _flat(x)
+        bias = None
+        if mean is not None:
+            inv = 1.0 / std  # type: ignore[operator]
+            mix, bias = mix * inv, (-mean * inv).view(1, 1, 3)
+        if beta is not None:
+            off = beta * mix.sum(dim=1, keepdim=True)  # [B, 1, 3]
+            bias = off if bias is None else off + bias
+        y = torch.bmm(src, mix)
+    if bias is not None or dtype != torch.float32:
+        out = torch.empty(y.shape, dtype=dtype, device=y.device)
+        y = out.copy_(y) if bias is None else torch.add(y, bias, out=out)
+    return _unflat(y, h, w)
 
 
 def photometric(x: Tensor, view: ViewSpec, p: Photometric, subset: bool | None = None) -> Tensor:
-    """Jitter -> grayscale -> blur on float [B, 3, H, W] in [0, 1] (the MoCo v2 order).
+    """Jitter -> grayscale -> blur on float [B, 3, H, W] in [0, 1] (the MoCo v2 order), channels-last.
 
-    `subset` (CPU default) blurs only the samples drawn for it; see `color_jitter`.
+    `subset` (CPU default) applies each op only to the samples drawn for it; see `color_jitter`.
     """
     if subset is None:
         subset = x.device.type == "cpu"
-    if p.jitter_on is not None:
-        x = color_jitter(x, p.factors, p.order, p.jitter_on, subset)  # type: ignore[arg-type]
-    if p.gray_on is not None:
-        x = torch.where(p.gray_on.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
-    if p.blur_on is not None and view.blur is not None:
-        k = view.blur.kernel_size(x.shape[-1])
-        if subset:
-            sel = p.blur_on.nonzero()[:, 0]
-            if sel.numel():
-                x = x.clone()
-                x[sel] = gaussian_blur(x[sel], p.sigma[sel], k)  # type: ignore[index]
-        else:
-            x = torch.where(p.blur_on.view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, k), x)  # type: ignore[arg-type]
-    return x
+    c = _Consts.make(x.device)
+    x, beta = _jitter(x, p, subset, c)
+    return finish(x, view, p, subset=subset, consts=c, beta=beta)
+
+
+def _jitter(x: Tensor, p: Photometric, subset: bool, c: _Consts) -> tuple[Tensor, Tensor | None]:
+    """Colour jitter where drawn: (image, None) in subset form, (stored, beta) in fixed-shape form."""
+    if p.jitter_on is None:
+        return x, None
+    if subset:
+        return color_jitter(x, p.factors, p.order, p.jitter_on, True, c), None  # type: ignore[arg-type]
+    return jitter_fixed(x, p.factors, p.order, p.jitter_on, c)  # type: ignore[arg-type]
 
 
 def normalize(x: Tensor, mean: Tensor, std: Tensor, dtype: torch.dtype) -> Tensor:
-    """(x - mean) / std, cast to the training dtype, channels-last."""
-    y = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    return y.to(dtype=dtype, memory_format=torch.channels_last)
+    """(x - mean) / std as one pass (x * (1/std) - mean/std), cast on store to the training dtype."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
+    inv = 1.0 / std
+    return torch.addcmul((-mean * inv).view(1, 3, 1, 1), x, inv.view(1, 3, 1, 1), out=out)
 
 
 def autoaugment_(x: Tensor, seed: int) -> Tensor:
@@ -409,27 +644,38 @@ class PixelAugmenter:
             (torch.tensor(v.normalize.mean, device=dev), torch.tensor(v.normalize.std, device=dev))
             for v in spec.views
         ]
+        self._window = store_window(heights, widths)  # (K, rows): the window gather's bound, see resample
+        self._consts = _Consts.make(dev)
 
     def augment(self, indices: Tensor) -> list[Tensor]:
         """Views for store rows `indices` (int64 [B] on the device)."""
         return self.render(self.pixels, self.offsets[indices], self.heights[indices], self.widths[indices])
 
-    def render(self, pixels: Tensor, base: Tensor, H: Tensor, W: Tensor) -> list[Tensor]:
-        """Views of the H x W images starting at flat rows `base` of `pixels` (store or staged batch)."""
+    def render(
+        self, pixels: Tensor, base: Tensor, H: Tensor, W: Tensor, fixed_shape: bool = False
+    ) -> list[Tensor]:
+        """Views of the H x W images starting at flat rows `base` of `pixels` (store or staged batch).
+
+        `fixed_shape` forces the capturable batched path the GPU runs, on CPU too (to test or measure it).
+        """
         outs: list[Tensor] = []
         b = base.shape[0]
-        if cpu_kernel_ok(pixels.device, self.spec.views):
+        if not fixed_shape and cpu_kernel_ok(pixels.device, self.spec.views):
             return self._render_cpu(pixels, base, H, W)
+        subset = pixels.device.type == "cpu" and not fixed_shape
+        k, rows = self._window
+        window = k if pixels.shape[0] >= rows else None
+        c = self._consts
         for vi, view in enumerate(self.spec.views):
             mean, std = self._norm[vi]
             for ys, xs in self._geometry(view, H, W):
-                x = resample(pixels, base, W, ys, xs)
+                x = resample(pixels, base, W, ys, xs, window)
                 if view.autoaugment:
                     seed = int(torch.randint(1 << 62, (1,), generator=self.gen, device=self.device).item())
                     x = autoaugment_(x, seed)
                 ph = sample_photometric(view, b, self.gen, self.device)
-                x = photometric(x, view, ph)
-                outs.append(normalize(x, mean, std, self.dtype))
+                x, beta = _jitter(x, ph, subset, c)
+                outs.append(finish(x, view, ph, mean, std, self.dtype, subset, c, beta))
         return outs
 
     def _render_cpu(self, pixels: Tensor, base: Tensor, H: Tensor, W: Tensor) -> list[Tensor]:
@@ -500,7 +746,7 @@ if _nb is not None:
 
     @_nb.njit(inline="always", cache=True)
     def _hue_px(r, g, b, f):  # noqa: ANN001, ANN202
-        """adjust_hue of one pixel: rgb_to_hsv, shift, closed-form hsv_to_rgb (same formulas as above)."""
+        """adjust_hue of one pixel: torchvision's _rgb2hsv, shift, closed-form _hsv2rgb (cf. `hue_apply`)."""
         maxc = max(r, max(g, b))
         minc = min(r, min(g, b))
         eqc = maxc == minc

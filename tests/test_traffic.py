@@ -1,0 +1,91 @@
+"""The traffic model (benchmarks/traffic.py) on functions whose cost is known, and the guard it gives the
+fixed-shape augmentation path against regressions in bytes, kernels and host syncs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import traffic as T  # noqa: E402
+
+N = 1000
+
+
+def test_elementwise_add_is_one_kernel_reading_two_writing_one() -> None:
+    a, b = torch.rand(N), torch.rand(N)
+    tr = T.count_traffic(torch.add, a, b)
+    assert (tr.kernels, tr.bytes, tr.syncs, tr.flops) == (1, 3 * N * 4, 0, 0)
+    assert tr.by_op == [("add", 1, 3 * N * 4)]
+
+
+def test_views_and_allocations_are_free() -> None:
+    x = torch.rand(4, 3, 10, 10)
+
+    def views() -> None:
+        y = x.view(4, 300).permute(1, 0)[2:7]
+        y.unbind(0)
+        x.expand(2, 4, 3, 10, 10).detach()
+        x.as_strided((5,), (1,))
+        torch.empty(100)
+
+    tr = T.count_traffic(views)
+    assert (tr.kernels, tr.bytes) == (0, 0)
+
+
+def test_in_place_out_and_broadcast_operands() -> None:
+    a, b, out = torch.rand(N), torch.rand(N), torch.empty(N)
+    assert T.count_traffic(lambda: a.add_(b)).bytes == 3 * N * 4  # read a, read b, write a
+    assert T.count_traffic(lambda: torch.add(a, b, out=out)).bytes == 3 * N * 4  # out= is written only
+    s = torch.rand(1)
+    assert T.count_traffic(lambda: a * s.expand(N)).bytes == (2 * N + 1) * 4  # a stride-0 operand once
+
+
+def test_strided_plane_costs_its_sectors_and_gather_reads_what_it_writes() -> None:
+    x = torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    plane = 2 * 8 * 8 * 4
+    # a channel of channels-last memory: every third float, so every 32-byte sector is touched (x3)
+    assert T.count_traffic(lambda: x[:, 0] * 2.0).bytes == 3 * plane + plane
+    store = torch.randint(0, 255, (100_000, 3), dtype=torch.uint8)
+    idx = torch.randint(0, 100_000, (50,))
+    tr = T.count_traffic(lambda: store[idx])
+    assert tr.bytes == 50 * 3 + 50 * 8 + 50 * 3  # indexed rows, the index, the output (not the store)
+
+
+def test_syncs_and_flops_are_counted() -> None:
+    x = torch.rand(N)
+    assert T.count_traffic(lambda: (x > 0.5).nonzero()).syncs == 1
+    assert T.count_traffic(lambda: x.sum().item()).syncs == 1
+    a, b = torch.rand(2, 5, 7), torch.rand(2, 7, 3)
+    assert T.count_traffic(torch.bmm, a, b).flops == 2 * 2 * 5 * 7 * 3
+
+
+def _fixed_shape_render_traffic(batch: int, res: int) -> T.Traffic:
+    from fastvpd.data.gpu_aug import PixelAugmenter
+    from fastvpd.data.spec import moco_v2
+
+    pixels, offsets, H, W = T.synthetic_store(batch)
+    aug = PixelAugmenter(moco_v2(res), pixels, offsets, H, W, torch.float32, torch.Generator().manual_seed(0))
+    plane = batch * res * res * 4
+    return T.count_traffic(lambda: aug.render(pixels, offsets, H, W, fixed_shape=True), large_bytes=plane)
+
+
+@pytest.mark.parametrize("res", [32, 48])
+def test_fixed_shape_moco_v2_render_stays_lean(res: int) -> None:
+    """Regression guard. Before the rewrite the two-view render moved ~199 whole-batch fp32 images per view
+    (758 kernels, 336 of them whole-batch passes); now ~80 (526 kernels, 88 passes). No host syncs."""
+    batch = 4
+    tr = _fixed_shape_render_traffic(batch, res)
+    image = batch * 3 * res * res * 4  # one [B, 3, H, W] float32 batch
+    assert tr.syncs == 0
+    assert tr.bytes / (2 * image) < 100, tr.table()
+    assert tr.kernels < 580 and tr.large < 110, tr.table()
+
+
+def test_cli_report_is_labelled_as_a_model() -> None:
+    out = T.aug_report(batch=2, res=24, tbs=3.0, reps=1)
+    assert "scaled linearly to batch 256" in out and "MODEL, not a measurement" in out
+    assert "host syncs: 0" in out
