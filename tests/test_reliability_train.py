@@ -405,9 +405,18 @@ def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
 
     def train_step(self: Any, batch: Any) -> None:
         count["n"] += 1
-        if count["n"] == at_step:
+        if count["n"] != at_step:
+            return real(self, batch)
+        if batch.views:  # views rendered by the loader
             batch.views = [v * float("nan") for v in batch.views]
-        real(self, batch)
+            return real(self, batch)
+        # views rendered inside the step (data.aug_in_step): poison what the loader's augment returns
+        augment = self.loader.augment
+        self.loader.augment = lambda idx: [v * float("nan") for v in augment(idx)]
+        try:
+            return real(self, batch)
+        finally:
+            del self.loader.augment  # the class's method again
 
     monkeypatch.setattr(pretrain.MocoTask, "train_step", train_step)
 
