@@ -54,7 +54,9 @@ from fastvpd.config import ConfigError, UserError, main_guard  # noqa: E402
 RECIPE_IMAGES = 50_000
 RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
-LOADER_BACKENDS = ("torchvision", "ffcv", "ffcv_once", "dali", "dali_fused", "cache", "cache_graphed")
+LOADER_BACKENDS = (
+    "torchvision", "ffcv", "ffcv_once", "dali", "dali_fused", "cache", "cache_graphed", "cache_compiled",
+)  # fmt: skip
 # loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per sample
 # for both views (instead of once per view), dali with the fused instead of the exact colour jitter
 LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
@@ -62,10 +64,12 @@ LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "dali_fused": ("dali", {"dali_jitter": "fused"}),
     "cache_in_loader": ("cache", {"aug_in_step": "false"}),
     "cache_graphed": ("cache", {}),  # loaders: the views replayed from a CUDA graph (GPU only)
+    "cache_compiled": ("cache", {"compile_aug": "true"}),  # ... and their pixel work torch.compiled
 }
+GRAPHED_ROWS = ("cache_graphed", "cache_compiled")
 # end to end, `cache` renders the views inside the training step (its CUDA graph on a GPU, the default);
 # `cache_in_loader` renders them in the loader, as the loaders section's `cache` row times it
-E2E_BACKENDS = (*(b for b in LOADER_BACKENDS if b != "cache_graphed"), "cache_in_loader")
+E2E_BACKENDS = (*(b for b in LOADER_BACKENDS if b not in GRAPHED_ROWS), "cache_in_loader")
 
 
 def _loader_variant(name: str) -> tuple[str, dict[str, str]]:
@@ -567,10 +571,10 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
     dtype = torch.bfloat16 if device.type == "cuda" and opts.amp == "bf16" else torch.float32
     spec = data_mod.moco_v2(opts.res)
     t0 = time.perf_counter()
-    if name == "cache_graphed" and device.type != "cuda":
+    if name in GRAPHED_ROWS and device.type != "cuda":
         raise Skip("needs a CUDA GPU (on CPU it is the cache row)")
     loader = data_mod.build_loader(cfg, spec, "train", opts.batch, device, dtype, seed=0)
-    if name == "cache_graphed":
+    if name in GRAPHED_ROWS:
         loader = GraphedViews(loader)
     it = _cycle(loader)
     first = next(it)
@@ -582,8 +586,8 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
     # The timed batches should not cross an epoch end, where a process pool idles for one batch time.
     per_epoch = len(loader)
     warm = max(1, getattr(loader, "workers", 1) if backend == "torchvision" else 1)
-    if name == "cache_graphed":
-        warm = 3  # two eager warm-up renders, then the capture
+    if name in GRAPHED_ROWS:
+        warm = 3  # two eager warm-up renders (the first compiles, for cache_compiled), then the capture
     warm = min(warm, max(1, per_epoch - 1 - opts.loader_batches))
     for _ in range(warm):
         next(it)

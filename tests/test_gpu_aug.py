@@ -373,3 +373,28 @@ def test_exact_matmul_turns_tf32_off_and_restores_it() -> None:
             assert m.allow_tf32 is True
     finally:
         m.allow_tf32 = prev
+
+
+def test_compiled_pixel_work_renders_the_same_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PixelAugmenter(compile=True) (data.compile_aug): the fixed-shape pixel work through torch.compile
+    (here its aot_eager backend: Inductor's C++ build takes minutes on 2 cores) gives the eager views."""
+    imgs = _images(6)
+    pixels, offsets, H, W = _store(imgs)
+    idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    try:
+        out = {}
+        for compiled in (False, True):
+            gen = torch.Generator().manual_seed(21)
+            aug = G.PixelAugmenter(moco_v2(24), pixels, offsets, H, W, torch.float32, gen, compile=compiled)
+            out[compiled] = [
+                aug.render(pixels, offsets[idx], H[idx], W[idx], fixed_shape=True) for _ in range(2)
+            ]
+            assert (aug._pixels_fn is not G.render_pixels) == compiled
+        for a, b in zip(sum(out[False], []), sum(out[True], [])):
+            assert b.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    finally:
+        torch._dynamo.reset()

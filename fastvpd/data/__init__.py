@@ -227,7 +227,11 @@ def build_loader(
         from fastvpd.data.cache import CacheLoader
 
         return CacheLoader(
-            manifest, split, pin_host=bool(getattr(data_cfg, "pin_host_cache", True)), **common
+            manifest,
+            split,
+            pin_host=bool(getattr(data_cfg, "pin_host_cache", True)),
+            compile_aug=bool(getattr(data_cfg, "compile_aug", False)) and train,
+            **common,
         )
     if backend == "ffcv":
         from fastvpd.data.ffcv import FFCVLoader

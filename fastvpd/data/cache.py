@@ -98,6 +98,7 @@ class CacheLoader(LoaderBase):
         train: bool = True,
         pin_host: bool = True,
         placement: str = "auto",
+        compile_aug: bool = False,
     ) -> None:
         pixels, meta = load_cache(manifest.path(split, "cache"))
         n = len(meta["offsets"])
@@ -138,7 +139,9 @@ class CacheLoader(LoaderBase):
             cap = int(np.sort(self.sizes_host)[-batch_size:].sum()) if n else 1
             store = torch.empty((cap, 3), dtype=torch.uint8, device=dev)
             self._cap = cap
-        self.aug = PixelAugmenter(spec, store, self.offsets, self.heights, self.widths, dtype, self.gen)
+        self.aug = PixelAugmenter(
+            spec, store, self.offsets, self.heights, self.widths, dtype, self.gen, compile=compile_aug
+        )
         self.deferred = False  # defer_views(): batches carry indices + seed, the step renders the views
 
     # --------------------------------------------------------------------------------------- device API

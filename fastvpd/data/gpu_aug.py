@@ -617,11 +617,35 @@ def autoaugment_(x: Tensor, seed: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------- the augmenter
+def render_pixels(  # noqa: PLR0913
+    pixels: Tensor,
+    base: Tensor,
+    width: Tensor,
+    ys: AxisMap,
+    xs: AxisMap,
+    window: int | None,
+    view: ViewSpec,
+    p: Photometric,
+    mean: Tensor,
+    std: Tensor,
+    dtype: torch.dtype,
+    c: _Consts,
+) -> Tensor:
+    """One view's pixels, fixed-shape form, from drawn geometry and photometric parameters: no random
+    draws inside, so `torch.compile` can fuse it whole (`PixelAugmenter(compile=True)`)."""
+    x = resample(pixels, base, width, ys, xs, window)
+    x, beta = _jitter(x, p, False, c)
+    return finish(x, view, p, mean, std, dtype, False, c, beta)
+
+
 class PixelAugmenter:
     """Renders an AugSpec from a ragged flat pixel store living on `device` (the cache backend's engine).
 
     `augment(indices)` is a pure device function of (store, indices, generator state): fixed shapes, no
-    host sync unless the spec asks for AutoAugment.
+    host sync unless the spec asks for AutoAugment. `compile=True` runs the fixed-shape pixel work of each
+    view (`render_pixels`, everything after the random draws) through `torch.compile`, for Inductor to fuse
+    its elementwise chains (`data.compile_aug`); the draws stay eager, so the pixels come from the same
+    parameters.
     """
 
     def __init__(
@@ -633,8 +657,10 @@ class PixelAugmenter:
         widths: Tensor,
         dtype: torch.dtype,
         generator: torch.Generator | None,
+        compile: bool = False,
     ) -> None:
         self.spec = spec
+        self._pixels_fn = torch.compile(render_pixels, dynamic=False) if compile else render_pixels
         self.pixels, self.offsets, self.heights, self.widths = pixels, offsets, heights, widths
         self.dtype = dtype
         self.gen = generator
@@ -669,6 +695,12 @@ class PixelAugmenter:
         for vi, view in enumerate(self.spec.views):
             mean, std = self._norm[vi]
             for ys, xs in self._geometry(view, H, W):
+                if not subset and not view.autoaugment:
+                    ph = sample_photometric(view, b, self.gen, self.device)
+                    outs.append(
+                        self._pixels_fn(pixels, base, W, ys, xs, window, view, ph, mean, std, self.dtype, c)
+                    )
+                    continue
                 x = resample(pixels, base, W, ys, xs, window)
                 if view.autoaugment:
                     seed = int(torch.randint(1 << 62, (1,), generator=self.gen, device=self.device).item())
