@@ -634,6 +634,9 @@ def section_loaders(opts: Options, device: torch.device) -> dict[str, Any]:
         if backend not in opts.loader_backends:
             rows.append(skipped(backend, "not in --loader-backends"))
             continue
+        if backend == "cache_compiled" and not opts.compile:
+            rows.append(skipped(backend, "needs --compile (Inductor's first compile takes a while)"))
+            continue
         why = _backend_available(backend)
         if why:
             rows.append(skipped(backend, why))
