@@ -257,3 +257,25 @@ def test_cache_views_in_step_are_the_loaders_views(digits_converted: Path) -> No
     aa = build_loader(cfg, supervised(RES, autoaugment=True), "train", BS, "cpu", torch.float32)
     assert not views_in_step(cfg, aa, said.append) and "AutoAugment" in said[-1]
     assert next(iter(aa)).views  # still renders in the loader
+
+
+def test_ffcv_device_ops_equal_the_cpu_kernel(
+    digits_converted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ffcv backend's torch finishing ops (what a GPU runs) render what its numba CPU kernel renders."""
+    import fastvpd.data.gpu_aug as G
+
+    if not G.CPU_KERNEL:
+        pytest.skip("numba CPU kernel not available")
+    cfg = _cfg(digits_converted, "ffcv")
+    out = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(G, "CPU_KERNEL", kernel)
+        loader = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=4)
+        loader.set_epoch(1)
+        out[kernel] = list(itertools.islice(loader, 2))
+    for a, b in zip(out[True], out[False]):
+        assert torch.equal(a.indices, b.indices)
+        for va, vb in zip(a.views, b.views):
+            assert vb.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(vb, va, atol=1e-4, rtol=0)

@@ -584,6 +584,24 @@ def photometric(x: Tensor, view: ViewSpec, p: Photometric, subset: bool | None =
     return finish(x, view, p, subset=subset, consts=c, beta=beta)
 
 
+def photometric_normalized(
+    x: Tensor,
+    view: ViewSpec,
+    p: Photometric,
+    mean: Tensor,
+    std: Tensor,
+    dtype: torch.dtype,
+    subset: bool | None = None,
+) -> Tensor:
+    """`normalize(photometric(x, view, p), mean, std, dtype)` in fewer passes: the fixed-shape form folds
+    the normalisation into `finish`'s colour matrix (the ffcv backend's device half)."""
+    if subset is None:
+        subset = x.device.type == "cpu"
+    c = _Consts.make(x.device)
+    x, beta = _jitter(x, p, subset, c)
+    return finish(x, view, p, mean, std, dtype, subset, c, beta)
+
+
 def _jitter(x: Tensor, p: Photometric, subset: bool, c: _Consts) -> tuple[Tensor, Tensor | None]:
     """Colour jitter where drawn: (image, None) in subset form, (stored, beta) in fixed-shape form."""
     if p.jitter_on is None:
