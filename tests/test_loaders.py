@@ -267,11 +267,12 @@ def test_ffcv_device_ops_equal_the_cpu_kernel(
 
     if not G.CPU_KERNEL:
         pytest.skip("numba CPU kernel not available")
-    cfg = _cfg(digits_converted, "ffcv")
+    loader = build_loader(
+        _cfg(digits_converted, "ffcv"), moco_v2(RES), "train", BS, "cpu", torch.float32, seed=4
+    )
     out = {}
-    for kernel in (True, False):
+    for kernel in (True, False):  # the same epoch twice (its batches are a function of (seed, epoch))
         monkeypatch.setattr(G, "CPU_KERNEL", kernel)
-        loader = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=4)
         loader.set_epoch(1)
         out[kernel] = list(itertools.islice(loader, 2))
     for a, b in zip(out[True], out[False]):
