@@ -40,14 +40,9 @@ from fastvpd.classifier import (
     read_state,
 )
 from fastvpd.config import UserError
-from fastvpd.data import views_in_step
+from fastvpd.data import render_then, views_in_step
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
-
-
-def _render_then(loader: Any, fn: Any, indices: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """A step that first renders the batch's view from its indices (cache backend, `data.aug_in_step`)."""
-    return fn(loader.augment(indices)[0], labels)
 
 
 def distill_active(epoch: int, start_epoch: int) -> bool:
@@ -105,7 +100,7 @@ class DistillTask:
                 lam=d.lam, smoothing=d.label_smoothing, distill_on=on, skip_nonfinite=self.skip,
             )  # fmt: skip
             if self.in_step:
-                fn = functools.partial(_render_then, self.loader, fn)
+                fn = functools.partial(render_then, self.loader, fn, 1)  # fn(first view, labels)
             why, self.why = self.why, ""  # said once, not per phase
             self.steps[on] = GraphedStep(
                 fn, enabled=self.graph_on, warmup=self.warmup, log=self.say, why_disabled=why,

@@ -133,7 +133,56 @@ _aten = torch.ops.aten
 SPLIT_BN_STATS = ("blocks", "fused")  # SplitBatchNorm's eager implementations
 
 
-class _BlockBatchNorm(torch.autograd.Function):
+class _SplitBNFunction(torch.autograd.Function):
+    """The split-BN autograd functions' shared half: forward(x, weight, bias, running_mean, running_var,
+    s, momentum, eps) saves (x, weight, mean [S, C], invstd [S, C]) through `_save`; the backward runs each
+    block through `native_batch_norm_backward`, its input gradient copied into place (that kernel has no
+    out= form)."""
+
+    @staticmethod
+    def _save(
+        ctx: Any, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, s: int, eps: float
+    ) -> None:
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.s, ctx.eps = s, eps
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        s, n = ctx.s, x.shape[0] // ctx.s
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        gy = gy.contiguous(memory_format=fmt)
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        mask = [want_x, weight is not None and want_w, weight is not None and want_b]
+        gx = torch.empty_like(x) if want_x else None
+        gw: list[Tensor] = []
+        gb: list[Tensor] = []
+        for b in range(s):
+            blk = slice(b * n, (b + 1) * n)
+            gxb, gwb, gbb = _aten.native_batch_norm_backward(
+                gy[blk], x[blk], weight, None, None, save_mean[b], save_invstd[b], True, ctx.eps, mask
+            )
+            if gx is not None:
+                gx[blk].copy_(gxb)
+            if mask[1]:
+                gw.append(gwb)
+            if mask[2]:
+                gb.append(gbb)
+        grads = (gx, torch.stack(gw).sum(0) if gw else None, torch.stack(gb).sum(0) if gb else None)
+        return (*grads, None, None, None, None, None)  # no gradient for the running stats, s, momentum, eps
+
+
+def _running_from_groups(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int, momentum: float
+) -> None:
+    """Running statistics updated with the average over groups of what each group's BN would write:
+    mean, var (biased) [S, C] over m elements per group and channel."""
+    unbiased = var * (m / max(m - 1, 1))
+    running_mean.lerp_(mean.mean(0).to(running_mean.dtype), momentum)
+    running_var.lerp_(unbiased.mean(0).to(running_var.dtype), momentum)
+
+
+class _BlockBatchNorm(_SplitBNFunction):
     """Training-mode BN of each contiguous block of the batch, written in place into one output.
 
     Forward/backward run the same per-block kernels as `F.batch_norm` (`native_batch_norm` and its
@@ -177,43 +226,11 @@ class _BlockBatchNorm(torch.autograd.Function):
                 save_mean=save_mean[b],
                 save_invstd=save_invstd[b],
             )
-        ctx.save_for_backward(x, weight, save_mean, save_invstd)
-        ctx.s, ctx.eps, ctx.n_inputs = s, eps, 8
+        _SplitBNFunction._save(ctx, x, weight, save_mean, save_invstd, s, eps)
         return y
 
-    @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return _per_block_backward(ctx, gy)
 
-
-def _per_block_backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-    """Split-BN backward from the saved (x, weight, mean [S, C], invstd [S, C]): each block through
-    `native_batch_norm_backward`, its input gradient copied into place (that kernel has no out= form)."""
-    x, weight, save_mean, save_invstd = ctx.saved_tensors
-    s, n = ctx.s, x.shape[0] // ctx.s
-    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-    gy = gy.contiguous(memory_format=fmt)
-    want_x, want_w, want_b = ctx.needs_input_grad[:3]
-    mask = [want_x, weight is not None and want_w, weight is not None and want_b]
-    gx = torch.empty_like(x) if want_x else None
-    gw: list[Tensor] = []
-    gb: list[Tensor] = []
-    for b in range(s):
-        blk = slice(b * n, (b + 1) * n)
-        gxb, gwb, gbb = _aten.native_batch_norm_backward(
-            gy[blk], x[blk], weight, None, None, save_mean[b], save_invstd[b], True, ctx.eps, mask
-        )
-        if gx is not None:
-            gx[blk].copy_(gxb)
-        if mask[1]:
-            gw.append(gwb)
-        if mask[2]:
-            gb.append(gbb)
-    grads = (gx, torch.stack(gw).sum(0) if gw else None, torch.stack(gb).sum(0) if gb else None)
-    return (*grads, *([None] * (ctx.n_inputs - 3)))
-
-
-class _FusedStatsBatchNorm(torch.autograd.Function):
+class _FusedStatsBatchNorm(_SplitBNFunction):
     """Split-BN whose forward treats all groups at once (`SplitBatchNorm(stats="fused")`).
 
     Statistics: two reductions over the [S, N/S, C, H, W] view with fp32 accumulation (Σx and ‖x‖²: each
@@ -253,16 +270,9 @@ class _FusedStatsBatchNorm(torch.autograd.Function):
         y = torch.empty_like(x)
         torch.addcmul(shift.view(shape), xs, scale.view(shape), out=y.unflatten(0, (s, n // s)))
         if running_mean is not None and running_var is not None:
-            unbiased = var * (m / max(m - 1, 1))
-            running_mean.lerp_(mean.mean(0).to(running_mean.dtype), momentum)
-            running_var.lerp_(unbiased.mean(0).to(running_var.dtype), momentum)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.s, ctx.eps, ctx.n_inputs = s, eps, 8
+            _running_from_groups(running_mean, running_var, mean, var, m, momentum)
+        _SplitBNFunction._save(ctx, x, weight, mean, invstd, s, eps)
         return y
-
-    @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return _per_block_backward(ctx, gy)
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -332,31 +342,25 @@ class SplitBatchNorm(nn.BatchNorm2d):
             raise ValueError(f"SplitBatchNorm: batch {n} is not divisible by num_splits={s}")
         track = self.track_running_stats and self.running_mean is not None
         mom: float = self.momentum  # type: ignore[assignment]
+        rmean, rvar = (self.running_mean, self.running_var) if track else (None, None)
         if torch.compiler.is_compiling():
             y, mean, var = _split_bn_one_pass(x, self.weight, self.bias, s, self.eps)
-            if track:
-                m = x.numel() // (s * x.shape[1])  # elements per group and channel
+            if rmean is not None and rvar is not None:
                 with torch.no_grad():
-                    unbiased = var * (m / max(m - 1, 1))
-                    self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), mom)  # type: ignore[union-attr]
-                    self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), mom)  # type: ignore[union-attr]
-                    self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-            return y
-        if self.stats == "fused":
-            rmean, rvar = (self.running_mean, self.running_var) if track else (None, None)
+                    _running_from_groups(rmean, rvar, mean, var, x.numel() // (s * x.shape[1]), mom)
+        elif self.stats == "fused":
             y = _FusedStatsBatchNorm.apply(x, self.weight, self.bias, rmean, rvar, s, mom, self.eps)
-            if track:
-                self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-            return y
-        # rm, rv: SxC, row b = the running statistics group b's BN updates in place
-        rm = self.running_mean.repeat(s, 1) if track else None  # type: ignore[union-attr]
-        rv = self.running_var.repeat(s, 1) if track else None  # type: ignore[union-attr]
-        y = _BlockBatchNorm.apply(x, self.weight, self.bias, rm, rv, s, mom, self.eps)
-        if rm is not None and rv is not None:
-            with torch.no_grad():
-                self.running_mean.copy_(rm.mean(0))  # type: ignore[union-attr]
-                self.running_var.copy_(rv.mean(0))  # type: ignore[union-attr]
-                self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
+        else:
+            # rm, rv: SxC, row b = the running statistics group b's BN updates in place
+            rm = rmean.repeat(s, 1) if rmean is not None else None
+            rv = rvar.repeat(s, 1) if rvar is not None else None
+            y = _BlockBatchNorm.apply(x, self.weight, self.bias, rm, rv, s, mom, self.eps)
+            if rm is not None and rv is not None:
+                with torch.no_grad():
+                    self.running_mean.copy_(rm.mean(0))  # type: ignore[union-attr]
+                    self.running_var.copy_(rv.mean(0))  # type: ignore[union-attr]
+        if track:
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
         return y
 
     def extra_repr(self) -> str:

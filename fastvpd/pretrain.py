@@ -18,16 +18,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastvpd import config, dist, engine
-from fastvpd.data import views_in_step
+from fastvpd.data import render_then, views_in_step
 from fastvpd.knn import knn_accuracy
 from fastvpd.moco import MoCo
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import MOCO_METRICS, DeviceMeters, GraphedStep, Precision, moco_step, pin_lr, setup_backends
-
-
-def _render_then(loader: Any, fn: Any, indices: torch.Tensor) -> dict[str, Any]:
-    """A step that first renders the batch's two views from its indices (cache backend, data.aug_in_step)."""
-    return fn(*loader.augment(indices))
 
 
 class MocoTask:
@@ -69,7 +64,7 @@ class MocoTask:
         self.loader = loader
         self.in_step = views_in_step(cfg.data, loader, say)
         if self.in_step:
-            fn = functools.partial(_render_then, loader, fn)
+            fn = functools.partial(render_then, loader, fn, 2)
         self.step = GraphedStep(
             fn,
             enabled=cfg.train.cuda_graph and not why and info.device.type == "cuda",

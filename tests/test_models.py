@@ -106,14 +106,23 @@ def _interleave(t: torch.Tensor, s: int) -> torch.Tensor:
     return t.reshape(s, n // s, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
+def _split_and_plain_bn(
+    c: int, s: int, stats: str = "blocks", **kw: bool
+) -> tuple[SplitBatchNorm, nn.BatchNorm2d]:
+    """A SplitBatchNorm with non-trivial affine parameters, and a plain BatchNorm2d with the same state."""
+    split = SplitBatchNorm(c, s, stats, **kw)
+    if split.affine:
+        nn.init.normal_(split.weight, 1.0, 0.3)
+        nn.init.normal_(split.bias, 0.0, 0.3)
+    plain = nn.BatchNorm2d(c, **kw)
+    plain.load_state_dict(split.state_dict(), strict=False)
+    return split, plain
+
+
 def test_split_bn_matches_moco_colab_and_per_group_batchnorm() -> None:
     torch.manual_seed(0)
     s, c = 4, 3
-    split = SplitBatchNorm(c, s)
-    nn.init.normal_(split.weight, 1.0, 0.3)
-    nn.init.normal_(split.bias, 0.0, 0.3)
-    ref_bn = nn.BatchNorm2d(c)
-    ref_bn.load_state_dict(split.state_dict(), strict=False)
+    split, ref_bn = _split_and_plain_bn(c, s)
     x = (torch.randn(8, c, 5, 5) * 2 + 1).requires_grad_()
     x_ref = _interleave(x.detach(), s).requires_grad_()  # the colab's groups = our blocks
     for _ in range(2):  # two steps: running stats compound correctly
@@ -236,12 +245,7 @@ def test_split_bn_writes_blocks_in_place_equal_to_blocks_then_cat(
     """The no-cat split-BN runs the same BN kernels per block: bit-identical output and input gradient."""
     torch.manual_seed(3)
     s, c = 4, 6
-    split = SplitBatchNorm(c, s, affine=affine, track_running_stats=track)
-    if affine:
-        nn.init.normal_(split.weight, 1.0, 0.3)
-        nn.init.normal_(split.bias, 0.0, 0.3)
-    ref = nn.BatchNorm2d(c, affine=affine, track_running_stats=track)
-    ref.load_state_dict(split.state_dict(), strict=False)
+    split, ref = _split_and_plain_bn(c, s, affine=affine, track_running_stats=track)
     x = torch.randn(8, c, 5, 5) * 2 + 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -268,9 +272,7 @@ def test_split_bn_under_torch_compile_is_one_pass_with_equal_results() -> None:
     """Under torch.compile the groups are one reduction over a view (what Inductor fuses); same maths."""
     torch.manual_seed(4)
     s, c = 4, 5
-    eager = SplitBatchNorm(c, s)
-    nn.init.normal_(eager.weight, 1.0, 0.3)
-    nn.init.normal_(eager.bias, 0.0, 0.3)
+    eager, _ = _split_and_plain_bn(c, s)
     module = SplitBatchNorm(c, s)
     module.load_state_dict(eager.state_dict())
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
@@ -299,12 +301,7 @@ def test_split_bn_fused_statistics_equal_blocks(channels_last: bool, affine: boo
     """stats="fused" (all groups' statistics in two reductions, one normalisation kernel) = per-block BN."""
     torch.manual_seed(5)
     s, c = 4, 6
-    fused = SplitBatchNorm(c, s, "fused", affine=affine, track_running_stats=track)
-    if affine:
-        nn.init.normal_(fused.weight, 1.0, 0.3)
-        nn.init.normal_(fused.bias, 0.0, 0.3)
-    ref = nn.BatchNorm2d(c, affine=affine, track_running_stats=track)
-    ref.load_state_dict(fused.state_dict(), strict=False)
+    fused, ref = _split_and_plain_bn(c, s, "fused", affine=affine, track_running_stats=track)
     for _ in range(2):  # running statistics compound
         x = torch.randn(8, c, 5, 5) * 3 + 2  # |mean| ~ std: E[x²]-E[x]² in fp32 is fine
         if channels_last:

@@ -27,6 +27,7 @@ __all__ = [
     "from_config",
     "measure_loader",
     "moco_v2",
+    "render_then",
     "shard_indices",
     "supervised",
     "views_in_step",
@@ -82,6 +83,13 @@ def views_in_step(data_cfg: Any, loader: Any, say: Any = print) -> bool:
         return False
     say("augmentation rendered inside the training step (on a GPU, captured in its CUDA graph)")
     return True
+
+
+def render_then(loader: Any, fn: Any, n_views: int, indices: Tensor, *rest: Tensor) -> Any:
+    """A training step that renders the batch's views from its indices first (`views_in_step`):
+    `fn(*views[:n_views], *rest)`. Bound with functools.partial(render_then, loader, step, n_views) for
+    `GraphedStep` (MoCo takes both views; distillation the first, as it does from an ordinary batch)."""
+    return fn(*loader.augment(indices)[:n_views], *rest)
 
 
 def mix_seed(*parts: int) -> int:

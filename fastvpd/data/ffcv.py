@@ -321,7 +321,7 @@ class FFCVLoader(LoaderBase):
                     x = G.autoaugment_(x, self.step_seed(self.start_step + k) + vi)
                 ph = G.sample_photometric(view, x.shape[0], self.gen, self.device)
                 mean, std = self._norm[vi]
-                views.append(G.photometric_normalized(x, view, ph, mean, std, self.dtype))
+                views.append(G.photometric(x, view, ph, mean=mean, std=std, dtype=self.dtype))
             labels = named["label"].to(torch.int64, copy=True)
             indices = named["index"].to(torch.int64, copy=True)
             yield Batch(views, labels, indices)

@@ -572,32 +572,25 @@ def finish(
     return _unflat(y, h, w)
 
 
-def photometric(x: Tensor, view: ViewSpec, p: Photometric, subset: bool | None = None) -> Tensor:
-    """Jitter -> grayscale -> blur on float [B, 3, H, W] in [0, 1] (the MoCo v2 order), channels-last.
+def photometric(  # noqa: PLR0913
+    x: Tensor,
+    view: ViewSpec,
+    p: Photometric,
+    subset: bool | None = None,
+    mean: Tensor | None = None,
+    std: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    consts: _Consts | None = None,
+) -> Tensor:
+    """Jitter -> grayscale -> blur on float [B, 3, H, W] in [0, 1] (the MoCo v2 order), channels-last;
+    with `mean`/`std` also normalised and cast to `dtype` (the fixed-shape form folds the normalisation
+    into `finish`'s colour matrix).
 
     `subset` (CPU default) applies each op only to the samples drawn for it; see `color_jitter`.
     """
     if subset is None:
         subset = x.device.type == "cpu"
-    c = _Consts.make(x.device)
-    x, beta = _jitter(x, p, subset, c)
-    return finish(x, view, p, subset=subset, consts=c, beta=beta)
-
-
-def photometric_normalized(
-    x: Tensor,
-    view: ViewSpec,
-    p: Photometric,
-    mean: Tensor,
-    std: Tensor,
-    dtype: torch.dtype,
-    subset: bool | None = None,
-) -> Tensor:
-    """`normalize(photometric(x, view, p), mean, std, dtype)` in fewer passes: the fixed-shape form folds
-    the normalisation into `finish`'s colour matrix (the ffcv backend's device half)."""
-    if subset is None:
-        subset = x.device.type == "cpu"
-    c = _Consts.make(x.device)
+    c = consts if consts is not None else _Consts.make(x.device)
     x, beta = _jitter(x, p, subset, c)
     return finish(x, view, p, mean, std, dtype, subset, c, beta)
 
@@ -652,8 +645,7 @@ def render_pixels(  # noqa: PLR0913
     """One view's pixels, fixed-shape form, from drawn geometry and photometric parameters: no random
     draws inside, so `torch.compile` can fuse it whole (`PixelAugmenter(compile=True)`)."""
     x = resample(pixels, base, width, ys, xs, window)
-    x, beta = _jitter(x, p, False, c)
-    return finish(x, view, p, mean, std, dtype, False, c, beta)
+    return photometric(x, view, p, False, mean, std, dtype, c)
 
 
 class PixelAugmenter:
@@ -724,8 +716,7 @@ class PixelAugmenter:
                     seed = int(torch.randint(1 << 62, (1,), generator=self.gen, device=self.device).item())
                     x = autoaugment_(x, seed)
                 ph = sample_photometric(view, b, self.gen, self.device)
-                x, beta = _jitter(x, ph, subset, c)
-                outs.append(finish(x, view, ph, mean, std, self.dtype, subset, c, beta))
+                outs.append(photometric(x, view, ph, subset, mean, std, self.dtype, c))
         return outs
 
     def _render_cpu(self, pixels: Tensor, base: Tensor, H: Tensor, W: Tensor) -> list[Tensor]:
