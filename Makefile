@@ -33,8 +33,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VPY) -m fastvpd.demo --out $(DEMO_DIR)
 
+# Tests run in parallel worker processes (pytest-xdist), one per core up to 4; each worker builds its own copy
+# of the session fixtures (the digits data). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+XDIST := -n $(TEST_WORKERS) --dist worksteal
+
 test: setup
-	$(VPY) -m pytest -q -m "not cuda" tests
+	$(VPY) -m pytest -q -m "not cuda" $(XDIST) tests
 
 # The CPU suite under another torch (default: the GPU machine's 2.11 / torchvision 0.26). An overlay venv holds
 # only that torch and torchvision; everything else (numpy, ffcv, dali, the CUDA runtime libraries torch links
@@ -48,7 +53,7 @@ test-torch-compat: setup
 	@printf '%s\n' "$$($(VPY) -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')" "$$PWD" \
 	  > "$$($(COMPAT_VENV)/bin/python -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')/zz_fastvpd_base.pth"
 	@$(COMPAT_VENV)/bin/python -c 'import torch,torchvision;print("[compat] torch",torch.__version__,"torchvision",torchvision.__version__)'
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda" tests
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda" $(XDIST) tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
