@@ -330,7 +330,12 @@ def _reference_rung(
 
 
 def _package_rung(
-    opts: Options, device: torch.device, graphed: bool, compiled: bool, split_bn: str = "blocks"
+    opts: Options,
+    device: torch.device,
+    graphed: bool,
+    compiled: bool,
+    split_bn: str = "blocks",
+    precision: Any = None,
 ) -> Callable[[], Any]:
     step_mod = _require("fastvpd.step", "fastvpd.step")
     from fastvpd.config import OptimConfig
@@ -344,7 +349,8 @@ def _package_rung(
     lr = torch.tensor(_lr(opts), dtype=torch.float32, device=device)  # as fastvpd.pretrain: a device lr
     opt = build_sgd(model.encoder_q.parameters(), oc, lr)
     step_mod.pin_lr(opt, lr)
-    precision = step_mod.Precision(opts.amp if device.type == "cuda" else "none", device)
+    if precision is None:  # (benchmarks/traffic.py passes a CPU bf16 one to model a GPU step's bytes)
+        precision = step_mod.Precision(opts.amp if device.type == "cuda" else "none", device)
     meters = step_mod.DeviceMeters(step_mod.MOCO_METRICS, device)
     dtype = precision.dtype or torch.float32
     v1, v2 = synthetic_views(opts.batch, opts.res, device, dtype, True)
@@ -711,7 +717,13 @@ def section_steps(opts: Options, device: torch.device) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- distillation
 def _distill_rung(
-    opts: Options, device: torch.device, channels_last: bool, amp: str, graphed: bool, compiled: bool = False
+    opts: Options,
+    device: torch.device,
+    channels_last: bool,
+    amp: str,
+    graphed: bool,
+    compiled: bool = False,
+    precision: Any = None,
 ) -> Callable[[], Any]:
     """The package's distillation step (OFD): frozen teacher forward, student forward/backward, connectors."""
     classifier = _require("fastvpd.classifier", "fastvpd.classifier (distillation step)")
@@ -732,7 +744,7 @@ def _distill_rung(
     lr = torch.tensor(oc.lr * opts.batch / oc.lr_batch, dtype=torch.float32, device=device)
     opt = build_sgd(net.trainable(), oc, lr)
     step_mod.pin_lr(opt, lr)
-    precision = step_mod.Precision(amp, device)
+    precision = precision or step_mod.Precision(amp, device)
     meters = step_mod.DeviceMeters(classifier.DISTILL_METRICS, device)
     x, _ = synthetic_views(opts.batch, opts.res, device, precision.dtype or torch.float32, channels_last)
     y = torch.randint(0, DISTILL_CLASSES, (opts.batch,), generator=torch.Generator().manual_seed(0)).to(

@@ -10,9 +10,12 @@ one kernel, and the bytes of its tensor inputs read plus outputs written. Conven
 - a tensor counts the distinct elements it addresses (broadcast dims with stride 0 once), never its
   whole storage; an `out=` argument is counted as written only; an in-place `self` as read and written;
 - gathers (index, gather, index_select, take) read at most as many source elements as they write;
+- batch norm in training is two kernels, as PyTorch's CUDA BN runs it: a statistics pass that reads the
+  input (backward: the gradient and the input) before the elementwise pass;
 - host syncs (`.item()`, `nonzero`, ...) are counted separately in `.syncs`.
 
-A model: caches and compiler fusion are ignored. CLI: `python benchmarks/traffic.py aug --estimate-tbs 3`.
+A model: caches and compiler fusion are ignored. CLI: `python benchmarks/traffic.py aug --estimate-tbs 3`;
+`python benchmarks/traffic.py moco --split-bn fused` (or `distill`) models a whole eager training step.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ _SECTOR = 32
 _BIAS_GEMMS = {aten.addmm, aten.baddbmm}
 _GATHERS = {aten.index, aten.gather, aten.index_select, aten.take, aten.embedding}
 _SYNCS = {aten._local_scalar_dense, aten.nonzero, aten.is_nonzero, aten.masked_select, aten.equal}
+# Training BN on a GPU is two kernels: a statistics pass (forward: over the input; backward: over grad and
+# input) before the elementwise one. op -> (index of its `training` flag, arguments that pass re-reads).
+_BN_STATS_PASS = {aten.native_batch_norm: (5, (0,)), aten.native_batch_norm_backward: (7, (0, 1))}
 
 
 def touched_bytes(t: torch.Tensor) -> int:
@@ -79,11 +85,11 @@ class Traffic:
 
     @property
     def by_op(self) -> list[tuple[str, int, int]]:
-        """(op, calls, bytes) rows, dearest first."""
+        """(op, kernels, bytes) rows, dearest first."""
         return sorted(((k, c, b) for k, (c, b) in self.per_op.items()), key=lambda r: (-r[2], -r[1], r[0]))
 
     def table(self, top: int = 15, scale: float = 1.0) -> str:
-        rows = [f"{'aten op':<34}{'calls':>7}{'MB':>11}"]
+        rows = [f"{'aten op':<34}{'kernels':>7}{'MB':>11}"]
         rows += [f"{k:<34}{c:>7}{b * scale / 1e6:>11.1f}" for k, c, b in self.by_op[:top]]
         return "\n".join(rows)
 
@@ -116,6 +122,11 @@ class TrafficMode(TorchDispatchMode):
         launches = 1
         if packet in _BIAS_GEMMS and kwargs.get("beta", 1) != 0:
             launches, read, wrote = 2, read + wrote, 2 * wrote  # + the copy's write, the GEMM's read of it
+        if packet in _BN_STATS_PASS:
+            flag, reread = _BN_STATS_PASS[packet]
+            if len(args) > flag and args[flag]:
+                launches += 1
+                read += sum(touched_bytes(args[i]) for i in reread)
         rec = self.traffic.per_op[str(packet).removeprefix("aten.")]
         rec[0] += launches
         rec[1] += read + wrote
@@ -185,14 +196,135 @@ def aug_report(batch: int, res: int, tbs: float | None, reps: int = 3) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ training steps
+STEP_NETS = ("moco", "distill")
+
+
+@dataclass
+class StepModel:
+    """One training step's traffic as fixed + per-sample parts, fitted from counts at two batch sizes.
+
+    Parameter-sized work (optimizer, momentum update, weight casts) does not grow with the batch and
+    activation-sized work grows linearly, so `a + b·B` from two counts extrapolates to any batch; counting
+    at 256 directly would take the CPU tens of minutes.
+    """
+
+    label: str
+    batches: tuple[int, int]
+    kernels: int
+    fixed_bytes: float
+    sample_bytes: float
+    fixed_flops: float
+    sample_flops: float
+    rows: list[tuple[str, int, float, float]]  # (aten op, kernels, fixed bytes, bytes per sample)
+
+    def bytes_at(self, batch: int) -> float:
+        return self.fixed_bytes + self.sample_bytes * batch
+
+    def flops_at(self, batch: int) -> float:
+        return self.fixed_flops + self.sample_flops * batch
+
+    def bound_ms(self, batch: int, tbs: float, tflops: float) -> float:
+        """Lower bound on one step: every byte at `tbs` TB/s plus every FLOP at `tflops` (no overlap: one
+        stream runs the memory-bound kernels and the GEMMs one after another)."""
+        return self.bytes_at(batch) / (tbs * 1e9) + self.flops_at(batch) / (tflops * 1e9)
+
+
+def step_fn(
+    net: str, arch: str, res: int, batch: int, split_bn: str, amp: torch.dtype | None = torch.bfloat16
+) -> Callable[[], Any]:
+    """The package's eager training step as benchmarks/throughput.py times it, channels-last, with bf16
+    autocast on the CPU so that every tensor has the dtype (and so the size) it has in a GPU bf16 step.
+    (`amp=None` counts an fp32 step: CPU bf16 convolutions take a slow path, too slow for the tests.)"""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import throughput as tp
+    from fastvpd.step import Precision
+
+    cpu = torch.device("cpu")
+    precision = Precision("none", cpu)
+    precision.dtype = amp  # Precision keeps CPU runs in fp32; the model wants a GPU's dtypes
+    opts = tp.Options(arch=arch, res=res, batch=batch, queue=4096)
+    if net == "moco":
+        return tp._package_rung(opts, cpu, False, False, split_bn, precision=precision)
+    return tp._distill_rung(opts, cpu, True, "none", False, precision=precision)
+
+
+def step_model(
+    net: str,
+    arch: str,
+    res: int,
+    batches: tuple[int, int],
+    split_bn: str = "blocks",
+    amp: torch.dtype | None = torch.bfloat16,
+) -> StepModel:
+    """Count one step (after one untimed step: optimizer state exists) at two batch sizes and fit."""
+    if net not in STEP_NETS:
+        raise ValueError(f"net must be one of {STEP_NETS} (got {net!r})")
+    b0, b1 = batches
+    if not 0 < b0 < b1:
+        raise ValueError(f"need two increasing batch sizes (got {batches})")
+    counts = []
+    for b in batches:
+        step = step_fn(net, arch, res, b, split_bn, amp)
+        step()
+        counts.append(count_traffic(step))
+    t0, t1 = counts
+
+    def fit(y0: float, y1: float) -> tuple[float, float]:
+        per = (y1 - y0) / (b1 - b0)
+        return y0 - per * b0, per
+
+    rows = []
+    for op, (kernels, by1) in t1.per_op.items():
+        fixed, per = fit(t0.per_op.get(op, [0, 0])[1], by1)
+        rows.append((op, kernels, fixed, per))
+    label = f"{net} step, {arch} at {res} px" + (f", split-BN {split_bn}" if net == "moco" else "")
+    label += ", bf16 autocast" if amp == torch.bfloat16 else f", {amp or torch.float32}"
+    return StepModel(label, (b0, b1), t1.kernels, *fit(t0.bytes, t1.bytes), *fit(t0.flops, t1.flops), rows)
+
+
+def step_report(m: StepModel, batch: int, tbs: float, tflops: float, top: int = 15) -> str:
+    rows = sorted(m.rows, key=lambda r: -(r[2] + r[3] * batch))[:top]
+    lines = [
+        f"{m.label}: eager, channels-last; counted on CPU at batches {m.batches}, fitted"
+        f" as fixed + per-sample, reported at batch {batch}",
+        f"kernels/step: {m.kernels}   GB/step: {m.bytes_at(batch) / 1e9:.1f}"
+        f" (fixed {m.fixed_bytes / 1e9:.2f}, {m.sample_bytes / 1e6:.0f} MB per sample)"
+        f"   TFLOP/step: {m.flops_at(batch) / 1e12:.2f}",
+        f"{'aten op':<34}{'kernels':>7}{'GB':>9}",
+        *(f"{op:<34}{k:>7}{(fx + per * batch) / 1e9:>9.2f}" for op, k, fx, per in rows),
+    ]
+    ms = m.bound_ms(batch, tbs, tflops)
+    lines.append(
+        f"MODEL, not a measurement: lower bound {ms:.1f} ms/step at {tbs:g} TB/s and {tflops:g} TFLOP/s"
+        f" (launches ignored) -> at most {batch / ms * 1e3:,.0f} samples/s"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["aug"])
-    ap.add_argument("--batch", type=int, default=16, help="batch counted on CPU (scaled to 256)")
+    ap.add_argument("what", choices=["aug", *STEP_NETS], help="the augmentation render, or a training step")
+    ap.add_argument("--batch", type=int, default=16, help="aug: batch counted on CPU (scaled to 256)")
+    ap.add_argument("--batches", default="8,16", help="step: the two batch sizes counted on CPU")
+    ap.add_argument("--at", type=int, default=256, help="step: batch to report")
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--split-bn", default="blocks", help="moco: blocks or fused")
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--estimate-tbs", type=float, default=None, help="HBM TB/s for a lower-bound time")
+    ap.add_argument("--estimate-tflops", type=float, default=989.0, help="step: dense bf16 TFLOP/s")
     a = ap.parse_args(argv)
-    print(aug_report(a.batch, a.res, a.estimate_tbs))
+    if a.what == "aug":
+        print(aug_report(a.batch, a.res, a.estimate_tbs))
+        return
+    b0, b1 = (int(b) for b in a.batches.split(","))
+    m = step_model(a.what, a.arch, a.res, (b0, b1), a.split_bn)
+    print(step_report(m, a.at, a.estimate_tbs or 3.0, a.estimate_tflops))
 
 
 if __name__ == "__main__":

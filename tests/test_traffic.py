@@ -89,3 +89,49 @@ def test_cli_report_is_labelled_as_a_model() -> None:
     out = T.aug_report(batch=2, res=24, tbs=3.0, reps=1)
     assert "scaled linearly to batch 256" in out and "MODEL, not a measurement" in out
     assert "host syncs: 0" in out
+
+
+# ---------------------------------------------------------------------------------- training-step model
+def _tiny_step(net: str, batch: int, split_bn: str = "blocks") -> T.Traffic:
+    step = T.step_fn(net, "resnet18", 16, batch, split_bn, amp=None)
+    step()  # the optimizer's momentum buffers exist from the second step on, as in training
+    return T.count_traffic(step)
+
+
+def test_step_model_fits_fixed_plus_per_sample_and_extrapolates() -> None:
+    """Two counts give fixed + per-sample bytes; a third batch lands on the line (activations scale with the
+    batch, the optimizer and momentum update do not), and the fixed part is about the parameter traffic."""
+    m = T.step_model("moco", "resnet18", 16, (8, 16), amp=None)
+    at24 = _tiny_step("moco", 24)
+    assert abs(m.bytes_at(24) - at24.bytes) / at24.bytes < 0.01
+    assert abs(m.flops_at(24) - at24.flops) / at24.flops < 0.01
+    optimizer = [(fixed, per) for op, _, fixed, per in m.rows if op.startswith("_foreach")]
+    assert optimizer and all(fixed > 0 and abs(per) < 1 for fixed, per in optimizer)  # batch-independent
+    report = T.step_report(m, 256, tbs=3.0, tflops=989.0)
+    assert "MODEL, not a measurement" in report and "moco step, resnet18 at 16 px, split-BN blocks" in report
+
+
+def test_batch_norm_in_training_is_a_statistics_pass_plus_an_elementwise_pass() -> None:
+    x = torch.rand(8, 4, 5, 5)
+    w, b, rm, rv = torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4)
+    plane = x.numel() * 4
+    train = T.count_traffic(lambda: torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.1, 1e-5))
+    evals = T.count_traffic(lambda: torch.ops.aten.native_batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5))
+    assert train.kernels == 2 and evals.kernels == 1
+    assert train.bytes - plane == 2 * plane + 4 * 4 * 4  # x twice, y once; weight, bias, mean, invstd
+    assert evals.bytes - plane == plane + 4 * 4 * 4  # x once, y once; weight, bias, running mean, var
+
+
+def test_split_bn_modes_compared_by_the_model() -> None:
+    """`fused` has no per-group BN call in its forward, but its statistics take two reductions before the
+    normalising pass where PyTorch's BN takes one: by the model it moves more bytes than `blocks`."""
+    blocks, fused = _tiny_step("moco", 16, "blocks"), _tiny_step("moco", 16, "fused")
+    assert fused.bytes > blocks.bytes
+    calls = {op: c for op, c, _ in blocks.by_op}
+    assert calls["native_batch_norm"] == 2 * 20 * 8 * 2  # 2 encoders, 20 BN layers, 8 groups; 2 passes each
+    assert "native_batch_norm" not in {op for op, _, _ in fused.by_op}
+
+
+def test_distill_step_is_modelled() -> None:
+    m = T.step_model("distill", "resnet18", 16, (8, 16), amp=None)
+    assert m.sample_bytes > 0 and m.flops_at(256) > 0 and m.kernels > 0
