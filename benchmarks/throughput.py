@@ -22,6 +22,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -131,6 +132,7 @@ class Options:
     amp: str = "bf16"
     threads: int = 0
     compile: bool = False
+    rungs: str = ""  # regex: only the ladder rungs it matches run (each ladder's baseline always runs)
     profile: bool = False
     distill: bool = True
     data_dir: str = ""
@@ -410,14 +412,30 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
     return rungs
 
 
+RowHook = Callable[[list[dict[str, Any]]], None]
+
+
 def run_ladder(
-    rungs: Sequence[Rung], opts: Options, device: torch.device, peak_tflops: float | None, flops_from: int = 0
+    rungs: Sequence[Rung],
+    opts: Options,
+    device: torch.device,
+    peak_tflops: float | None,
+    flops_from: int = 0,
+    on_row: RowHook | None = None,
 ) -> dict[str, Any]:
-    """Measure each rung; FLOPs counted once on rung `flops_from` (same maths on every rung)."""
+    """Measure each rung; FLOPs counted once on rung `flops_from` (same maths on every rung).
+
+    `opts.rungs` (a regex) skips the rungs it does not match, except the first: the baseline of every
+    speed-up. `on_row(rows)` runs after each rung, so a run cut short keeps the rungs it measured."""
     rows: list[dict[str, Any]] = []
     flops: float | None = None
     hw_rows: dict[str, Any] = {}
     for i, rung in enumerate(rungs):
+        if on_row is not None and rows:
+            on_row(rows)
+        if i and opts.rungs and not re.search(opts.rungs, rung.name):
+            rows.append(skipped(rung.name, f"not selected by --rungs {opts.rungs!r}"))
+            continue
         if rung.build is None:
             rows.append(skipped(rung.name, rung.skip_reason))
             log(f"{rung.name}: skipped ({rung.skip_reason})")
@@ -697,9 +715,9 @@ def device_peak(device: torch.device) -> tuple[float | None, str]:
     return _PEAK_CACHE[name]
 
 
-def section_steps(opts: Options, device: torch.device) -> dict[str, Any]:
+def section_steps(opts: Options, device: torch.device, on_row: RowHook | None = None) -> dict[str, Any]:
     peak, peak_source = device_peak(device)
-    res = run_ladder(moco_ladder(opts, device), opts, device, peak)
+    res = run_ladder(moco_ladder(opts, device), opts, device, peak, on_row=on_row)
     notes = [
         f"{opts.arch} at {opts.res} px, batch {opts.batch}, queue {opts.queue}; speed-up vs the reference"
     ]
@@ -762,7 +780,7 @@ def _distill_rung(
     return lambda: fn(x, y)
 
 
-def section_distill(opts: Options, device: torch.device) -> dict[str, Any]:
+def section_distill(opts: Options, device: torch.device, on_row: RowHook | None = None) -> dict[str, Any]:
     _require("fastvpd.classifier", "fastvpd.classifier (distillation step)")
     gpu = device.type == "cuda"
     amp = opts.amp if gpu else "none"
@@ -790,7 +808,7 @@ def section_distill(opts: Options, device: torch.device) -> dict[str, Any]:
             )
         )
     peak, _ = device_peak(device)
-    res = run_ladder(rungs, opts, device, peak)
+    res = run_ladder(rungs, opts, device, peak, on_row=on_row)
     res["notes"] = [
         f"student = teacher = {opts.arch} ({DISTILL_CLASSES} classes), OFD on 4 stages, {opts.res} px, "
         f"batch {opts.batch}; speed-up vs eager fp32 NCHW (the package's step, no separate reference)"
@@ -1352,6 +1370,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: usable cores)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile rung")
+    p.add_argument(
+        "--rungs", default="", help="regex: run only the ladder rungs it matches (and each ladder's baseline)"
+    )
     p.add_argument("--profile", action="store_true", help="write a torch.profiler trace of a few steps")
     p.add_argument("--data-dir", default="", help="where the synthetic set and its conversions are cached")
     p.add_argument("--out", default="", help="output folder (default benchmarks/results/<device>-<date>/)")
@@ -1360,6 +1381,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
         raise ConfigError(f"--sections {a.sections!r}: choose from {','.join(SECTIONS)}")
+    try:
+        re.compile(a.rungs)
+    except re.error as e:
+        raise ConfigError(f"--rungs {a.rungs!r} is not a regular expression ({e})") from None
     backends = _backend_list("--e2e-backends", a.e2e_backends, allow_empty=True, allowed=E2E_BACKENDS)
     loader_backends = _backend_list("--loader-backends", a.loader_backends, allow_empty=False)
     for name in (
@@ -1394,6 +1419,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
         amp=a.amp,
         threads=a.threads,
         compile=a.compile,
+        rungs=a.rungs,
         profile=a.profile,
         data_dir=a.data_dir,
         out=a.out,
@@ -1452,10 +1478,17 @@ def run(opts: Options) -> dict[str, Any]:
 
     # The step ladders first: they hold the headline figures, and a run cut short by a time limit (the
     # GPU suite's) should lose loader or end-to-end rows rather than them.
+    def partial(key: str) -> RowHook:
+        def write(rows: list[dict[str, Any]]) -> None:
+            part = {"rows": rows, "notes": [f"cut short: the report as of rung {len(rows)}"]}
+            write_report({**results, key: part, "projection": projection(results)}, opts.out)
+
+        return write
+
     if "steps" in opts.sections:
-        guarded("steps", lambda: section_steps(opts, device))
+        guarded("steps", lambda: section_steps(opts, device, partial("steps")))
         if opts.distill:
-            guarded("distill", lambda: section_distill(opts, device))
+            guarded("distill", lambda: section_distill(opts, device, partial("distill")))
     if "loaders" in opts.sections:
         guarded("loaders", lambda: section_loaders(opts, device))
         if results["loaders"].get("data_root"):

@@ -178,15 +178,28 @@ def test_timing_harness_cpu() -> None:
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as e:
-        tp.main(["--sections", "steps,nonsense"])
-    assert e.value.code == 2 and "--sections" in capsys.readouterr().err
+    for argv, named in ((["--sections", "steps,nonsense"], "--sections"), (["--rungs", "(graph"], "--rungs")):
+        with pytest.raises(SystemExit) as e:
+            tp.main(argv)
+        assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_ladder_reports_each_rung_as_it_goes() -> None:
+    """A time limit that kills the run mid-ladder must not lose the rungs already measured."""
+    seen: list[list[str]] = []
+    rungs = [tp.Rung(name, lambda: lambda: None) for name in ("base", "a", "b")]
+    opts = tp.Options(warmup=1, repeats=2, batch=4)
+    res = tp.run_ladder(
+        rungs, opts, torch.device("cpu"), None, on_row=lambda rows: seen.append([r["name"] for r in rows])
+    )
+    assert seen == [["base"], ["base", "a"]] and [r["status"] for r in res["rows"]] == ["ok"] * 3
 
 
 def test_step_ladder_end_to_end_small(tmp_path: Path) -> None:
     """The steps section end to end on tiny sizes (the full --quick run is the CLI's job)."""
     argv = ["--quick", "--sections", "steps", "--arch", "resnet18", "--res", "16", "--batch", "8",
-            "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+            "--warmup", "1", "--repeats", "2", "--threads", "1", "--out", str(tmp_path),
+            "--rungs", "fused enqueue|CUDA graph"]  # fmt: skip
     assert tp.main(argv) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     rows = {r["name"]: r for r in res["steps"]["rows"]}
@@ -194,8 +207,11 @@ def test_step_ladder_end_to_end_small(tmp_path: Path) -> None:
     pkg = rows["+ fused enqueue/foreach momentum"]
     assert pkg["status"] == "ok" and pkg["samples_s"] > 0 and pkg["gflops"] > 0
     assert rows["+ CUDA graph"]["status"] == ("ok" if torch.cuda.is_available() else "skipped")
+    for name in ("+ channels-last", "+ split-BN fused statistics"):  # not matched by --rungs
+        assert rows[name]["status"] == "skipped" and "--rungs" in rows[name]["reason"]
     assert res["steps"]["flops_per_step"] > 0
-    assert {r["status"] for r in res["distill"]["rows"]} <= {"ok", "skipped"}
+    distill = {r["name"]: r["status"] for r in res["distill"]["rows"]}
+    assert distill["eager fp32 NCHW"] == "ok" and distill["+ channels-last"] == "skipped"  # baseline always
     assert (tmp_path / "results.md").is_file() and (tmp_path / "chart.png").is_file()
 
 
