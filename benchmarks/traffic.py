@@ -261,6 +261,7 @@ def step_model(
     batches: tuple[int, int],
     split_bn: str = "blocks",
     amp: torch.dtype | None = torch.bfloat16,
+    say: Callable[[str], None] | None = None,
 ) -> StepModel:
     """Count one step (after one untimed step: optimizer state exists) at two batch sizes and fit."""
     if net not in STEP_NETS:
@@ -270,6 +271,8 @@ def step_model(
         raise ValueError(f"need two increasing batch sizes (got {batches})")
     counts = []
     for b in batches:
+        if say is not None:
+            say(f"counting one {net} step at batch {b} (a few minutes for ResNet-50 at 224 px on a CPU) ...")
         step = step_fn(net, arch, res, b, split_bn, amp)
         step()
         counts.append(count_traffic(step))
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         print(aug_report(a.batch, a.res, a.estimate_tbs))
         return
     b0, b1 = (int(b) for b in a.batches.split(","))
-    m = step_model(a.what, a.arch, a.res, (b0, b1), a.split_bn)
+    m = step_model(a.what, a.arch, a.res, (b0, b1), a.split_bn, say=lambda msg: print(msg, flush=True))
     print(step_report(m, a.at, a.estimate_tbs or 3.0, a.estimate_tflops))
 
 
