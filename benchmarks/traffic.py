@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="8,16", help="step: the two batch sizes counted on CPU")
     ap.add_argument("--at", type=int, default=256, help="step: batch to report")
     ap.add_argument("--arch", default="resnet50")
-    ap.add_argument("--split-bn", default="blocks", help="moco: blocks or fused")
+    ap.add_argument("--split-bn", default="blocks", choices=("blocks", "fused"), help="moco: split-BN")
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--estimate-tbs", type=float, default=None, help="HBM TB/s for a lower-bound time")
     ap.add_argument("--estimate-tflops", type=float, default=989.0, help="step: dense bf16 TFLOP/s")
@@ -325,7 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.what == "aug":
         print(aug_report(a.batch, a.res, a.estimate_tbs))
         return
-    b0, b1 = (int(b) for b in a.batches.split(","))
+    try:
+        b0, b1 = (int(b) for b in a.batches.split(","))
+        if not 0 < b0 < b1:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--batches {a.batches!r}: two increasing batch sizes, e.g. 8,16")
     m = step_model(a.what, a.arch, a.res, (b0, b1), a.split_bn, say=lambda msg: print(msg, flush=True))
     print(step_report(m, a.at, a.estimate_tbs or 3.0, a.estimate_tflops))
 

@@ -135,3 +135,13 @@ def test_split_bn_modes_compared_by_the_model() -> None:
 def test_distill_step_is_modelled() -> None:
     m = T.step_model("distill", "resnet18", 16, (8, 16), amp=None)
     assert m.sample_bytes > 0 and m.flops_at(256) > 0 and m.kernels > 0
+
+
+def test_step_cli_mistakes_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, said in (
+        (["moco", "--batches", "16,8"], "two increasing batch sizes"),
+        (["moco", "--split-bn", "x"], "invalid choice"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            T.main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
