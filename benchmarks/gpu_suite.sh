@@ -69,7 +69,8 @@ stage "pytest -m cuda"
 if [ -n "${SKIP_PYTEST:-}" ]; then
   echo "skipped (SKIP_PYTEST set)"
 else
-  timeout $(( $(left) < 240 ? $(left) / 2 : 120 )) "$PY" -m pytest -m cuda -q -p no:cacheprovider tests \
+  # -v: one line per test as it ends, so a run cut off by the timeout still shows which passed
+  timeout $(( $(left) < 300 ? $(left) / 2 : 150 )) "$PY" -m pytest -m cuda -v --durations=8 -p no:cacheprovider tests \
     2>&1 | tee "$OUTDIR/pytest.txt" | tail -40
   echo "pytest exit: ${PIPESTATUS[0]} (124 = timed out)"
 fi
