@@ -426,13 +426,11 @@ def run_ladder(
     """Measure each rung; FLOPs counted once on rung `flops_from` (same maths on every rung).
 
     `opts.rungs` (a regex) skips the rungs it does not match, except the first: the baseline of every
-    speed-up. `on_row(rows)` runs after each rung, so a run cut short keeps the rungs it measured."""
+    speed-up. `on_row(rows)` runs after each measured rung, so a run cut short keeps what it measured."""
     rows: list[dict[str, Any]] = []
     flops: float | None = None
     hw_rows: dict[str, Any] = {}
     for i, rung in enumerate(rungs):
-        if on_row is not None and rows:
-            on_row(rows)
         if i and opts.rungs and not re.search(opts.rungs, rung.name):
             rows.append(skipped(rung.name, f"not selected by --rungs {opts.rungs!r}"))
             continue
@@ -452,24 +450,25 @@ def run_ladder(
                 t = time_steps(step, device, warmup, opts.repeats)
             del step
         except Skip as e:
-            rows.append(skipped(rung.name, str(e)))
-            continue
+            row = skipped(rung.name, str(e))
         except Exception as e:  # one rung failing must not sink the report
             traceback.print_exc()
-            rows.append(skipped(rung.name, _first_line(e), status="failed"))
-            continue
+            row = skipped(rung.name, _first_line(e), status="failed")
+        else:
+            row = {"name": rung.name, "status": "ok", **t, **mem}
+            row["samples_s"] = opts.batch / (t["ms_per_step"] / 1000.0)
+            if flops:
+                achieved = flops / (t["ms_per_step"] / 1000.0)
+                row["gflops"] = achieved / 1e9
+                if peak_tflops:
+                    row["mfu_pct"] = 100.0 * achieved / (peak_tflops * 1e12)
+            hw_rows[rung.name] = hw.result
+            log(f"{rung.name}: {row['ms_per_step']:.2f} ms/step, {row['samples_s']:.1f} samples/s")
         finally:
             free_memory(device)
-        row: dict[str, Any] = {"name": rung.name, "status": "ok", **t, **mem}
-        row["samples_s"] = opts.batch / (t["ms_per_step"] / 1000.0)
-        if flops:
-            achieved = flops / (t["ms_per_step"] / 1000.0)
-            row["gflops"] = achieved / 1e9
-            if peak_tflops:
-                row["mfu_pct"] = 100.0 * achieved / (peak_tflops * 1e12)
         rows.append(row)
-        hw_rows[rung.name] = hw.result
-        log(f"{rung.name}: {row['ms_per_step']:.2f} ms/step, {row['samples_s']:.1f} samples/s")
+        if on_row is not None and i < len(rungs) - 1:  # the section's own report follows the last rung
+            on_row(rows)
     base = next((r for r in rows if r["status"] == "ok"), None)
     for r in rows:
         if r["status"] == "ok" and base is not None:
@@ -762,7 +761,8 @@ def _distill_rung(
     lr = torch.tensor(oc.lr * opts.batch / oc.lr_batch, dtype=torch.float32, device=device)
     opt = build_sgd(net.trainable(), oc, lr)
     step_mod.pin_lr(opt, lr)
-    precision = precision or step_mod.Precision(amp, device)
+    if precision is None:  # (as in _package_rung)
+        precision = step_mod.Precision(amp, device)
     meters = step_mod.DeviceMeters(classifier.DISTILL_METRICS, device)
     x, _ = synthetic_views(opts.batch, opts.res, device, precision.dtype or torch.float32, channels_last)
     y = torch.randint(0, DISTILL_CLASSES, (opts.batch,), generator=torch.Generator().manual_seed(0)).to(
