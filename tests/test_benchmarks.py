@@ -154,6 +154,31 @@ def test_projection_uses_the_measured_rates() -> None:
     assert tp.projection({})["status"] == "skipped"
 
 
+def test_projection_adds_the_loaders_gpu_time_to_the_step() -> None:
+    """A loader's GPU work shares the step's GPU (times add); its host rate only caps. Run 3's H100 figures:
+    the eager step (2232/s) fed by `cache` (24 ms of GPU work per batch of 256) gives the 1846/s that the
+    end-to-end run measured (1822/s), where min(step, loader) would claim 2232/s."""
+    res = _results()
+    res["options"]["batch"] = 256
+    res["steps"]["rows"][1]["samples_s"] = 2232.0
+    res["loaders"]["rows"][2].update(samples_s=10376.0, device_ms_per_batch=24.0)
+    p = tp.projection(res)
+    expect = 1 / (1 / 2232.0 + 24.0 / 1000 / 256)
+    assert p["pretrain"]["samples_s"] == pytest.approx(expect) and 1840 < expect < 1850
+    assert "loader 'cache'" in p["pretrain"]["source"] and "GPU time" in p["pretrain"]["source"]
+    # a host-only loader slower than the step caps it
+    assert tp.fed_rate(2232.0, {"samples_s": 1000.0}, 256) == 1000.0
+    # the best-feeding loader wins, not the fastest loader on its own
+    res["loaders"]["rows"].append(
+        {"name": "gpu_heavy", "status": "ok", "samples_s": 20000.0, "device_ms_per_batch": 40.0}
+    )
+    assert "loader 'cache'" in tp.projection(res)["pretrain"]["source"]
+    # distillation: one view, half the two-view row's GPU work
+    res["distill"] = {"rows": [{"name": "+ CUDA graph", "status": "ok", "samples_s": 3000.0}]}
+    d = tp.projection(res)["distill"]
+    assert d["samples_s"] == pytest.approx(1 / (1 / 3000.0 + 12.0 / 1000 / 256))
+
+
 def test_hw_sampling_on_cpu() -> None:
     with hw.HwMonitor(torch.device("cpu")) as mon:
         sum(i * i for i in range(200_000))
@@ -253,3 +278,30 @@ def test_git_commit_can_be_named_by_the_caller(monkeypatch: pytest.MonkeyPatch) 
     assert own and own != "abc1234"
     monkeypatch.setenv("FASTVPD_GIT_COMMIT", "abc1234")
     assert hw.git_commit() == "abc1234" and hw.device_facts(torch.device("cpu"))["git_commit"] == "abc1234"
+
+
+def test_top_ops_and_their_table() -> None:
+    """The profile's top ops: per-step time, share of the whole, largest first; shown under the ladder."""
+    from types import SimpleNamespace as E
+
+    events = [
+        E(key="conv", self_device_time_total=6000.0, self_cpu_time_total=1.0, count=30),
+        E(key="bn", self_device_time_total=3000.0, self_cpu_time_total=9.0, count=60),
+        E(key="idle", self_device_time_total=0.0, self_cpu_time_total=0.0, count=3),
+        E(key="relu", self_device_time_total=1000.0, self_cpu_time_total=2.0, count=30),
+    ]
+    top = tp.top_ops(events, steps=3, on_device=True, top=2)
+    assert [t["name"] for t in top] == ["conv", "bn"]
+    assert top[0]["ms_per_step"] == pytest.approx(2.0) and top[0]["pct"] == pytest.approx(60.0)
+    assert top[1]["calls_per_step"] == 20
+    assert [t["name"] for t in tp.top_ops(events, 3, on_device=False)] == ["bn", "relu", "conv"]
+    res = _results()
+    res["steps"]["profile"] = {"status": "ok", "steps": 3, "what": "compiled captured step", "top": top}
+    text, md = tp.render_text(res), tp.render_markdown(res)
+    assert tp.PROFILE_TITLE in text and "compiled captured step" in text
+    assert any(line.startswith("conv") and "60.0" in line for line in text.splitlines())
+    assert "| conv | 2.00 | 60.0 | 10 |" in md
+    # the fastest loader with GPU kernels gets its own table
+    res["loaders"]["rows"][2]["device_top"] = [{"name": "resample_kernel", "ms_per_step": 5.0, "pct": 50.0}]
+    text = tp.render_text(res)
+    assert "GPU kernels of loader 'cache'" in text and "resample_kernel" in text
