@@ -333,6 +333,7 @@ def launch(
     """
     info = dist.init(cfg.train.device)
     say = print if info.is_main else (lambda *_: None)
+    loader = None
     try:
         task, loader, schedule = build(cfg, say)
         say(
@@ -347,6 +348,8 @@ def launch(
         say(f"{done}; {best}checkpoint {result.last_checkpoint}")
         return result
     finally:
+        if hasattr(loader, "close"):
+            loader.close()  # torchvision backend: stop its persistent workers now, not at a later GC
         dist.shutdown()
 
 

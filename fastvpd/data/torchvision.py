@@ -4,10 +4,24 @@ Reads the source JPEGs listed in OUT/<split>/files.txt under the manifest's sour
 baseline every faster backend is compared with. The transforms are built from the same AugSpec.
 Each sample's augmentation is seeded from (seed, epoch, sample index), so batches are reproducible
 regardless of the number of workers and resume at start_step is exact.
+
+Worker lifetime: the DataLoader's workers persist across epochs until `close()` (idempotent; iterating
+again starts new ones) or until the loader is freed. Nothing in the loader points back at it (the sampler
+holds a weak reference), so dropping the last reference stops its workers at once, not at a later garbage
+collection (which could run anywhere, even inside a later loader's forked workers, which inherit the
+garbage). Each worker runs in a process group of its own (`_worker_init`), so a signal sent to the
+trainer's whole process group (Ctrl-C in a terminal, `timeout`, `kill -TERM -PGID`) reaches only the
+trainer: the engine turns SIGTERM/SIGINT into a checkpoint at the next step, and that step still gets
+its batch. Before, the workers died of such a signal (torch's worker handler lets only the parent's
+SIGTERM end them quietly), and the trainer, which survives SIGTERM during `fit`, then failed with
+"DataLoader worker (pid N) is killed by signal: Terminated". Workers still stop when the trainer
+shuts them down or exits (torch's watchdog), or when it sends them SIGTERM itself.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,17 +117,47 @@ def read_files_txt(path: Path) -> list[tuple[str, int]]:
 
 class _ListSampler(torch.utils.data.Sampler):
     """The owner's order for its current epoch, as (index, epoch) keys: persistent workers keep the copy of
-    the dataset they started with, so the epoch (which seeds the augmentation) travels with each index."""
+    the dataset they started with, so the epoch (which seeds the augmentation) travels with each index.
+
+    It holds its owner weakly: owner -> DataLoader -> workers' iterator -> sampler -> owner would be a
+    reference cycle, and a loader in a cycle keeps its workers until some later garbage collection."""
 
     def __init__(self, owner: LoaderBase) -> None:
-        self.owner = owner
+        self._owner = weakref.ref(owner)
+
+    @property
+    def owner(self) -> LoaderBase:
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("the TorchvisionLoader that owns this sampler was freed")
+        return owner
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.owner.epoch
-        return iter([(i, epoch) for i in self.owner.order().tolist()])
+        owner = self.owner
+        epoch = owner.epoch
+        return iter([(i, epoch) for i in owner.order().tolist()])
 
     def __len__(self) -> int:
         return len(self.owner.order())
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader worker_init_fn: leave the trainer's process group (see the module docstring)."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not permitted here (e.g. a session leader): keep the old behaviour
+        pass
+
+
+# Batches queued per worker. torch's default (and the reference MoCo loader's) is 2: each worker always has
+# its next batch queued while it renders the current one, so it never idles while the trainer keeps up.
+# More only absorbs trainer stalls longer than a whole batch time and costs memory: each queued batch is
+# rendered into shared memory and then copied to pinned memory, so 16 workers x 4 batches of 256 x two
+# float32 224 px views (308 MB a batch) could hold ~20 GB of /dev/shm plus up to as much pinned host
+# memory whenever the trainer paused (warm-up, CUDA graph capture, checkpoint); at 2 it is ~10 GB.
+# This backend is the CPU-bound baseline (the trainer takes far less time over a batch than a worker
+# takes to render it), so in the steady state the queue is empty whatever its depth.
+PREFETCH_FACTOR = 2
 
 
 class TorchvisionLoader(LoaderBase):
@@ -162,10 +206,12 @@ class TorchvisionLoader(LoaderBase):
                 num_workers=self.workers,
                 pin_memory=self.device.type == "cuda",
                 drop_last=self.train,
+                worker_init_fn=_worker_init if self.workers > 0 else None,
                 persistent_workers=self.workers > 0,
-                prefetch_factor=4 if self.workers > 0 else None,
+                prefetch_factor=PREFETCH_FACTOR if self.workers > 0 else None,
             )
-        for views, labels, indices in self._dl:
+        dl = self._dl
+        for views, labels, indices in dl:
             out = [
                 v.to(self.device, non_blocking=True).to(dtype=self.dtype, memory_format=torch.channels_last)
                 for v in views
@@ -173,3 +219,13 @@ class TorchvisionLoader(LoaderBase):
             yield Batch(
                 out, labels.to(self.device, non_blocking=True), indices.to(self.device, non_blocking=True)
             )
+            if self._dl is not dl:  # closed meanwhile: its workers are gone
+                raise RuntimeError("this TorchvisionLoader was closed while an iteration of it was running")
+
+    def close(self) -> None:
+        """Stop the worker processes now (idempotent). Iterating again later starts new ones."""
+        dl, self._dl = self._dl, None
+        it = getattr(dl, "_iterator", None) if dl is not None else None
+        if it is not None:
+            dl._iterator = None
+            it._shutdown_workers()  # torch's own shutdown: pin thread, done event, join, terminate stragglers
