@@ -305,3 +305,18 @@ def test_top_ops_and_their_table() -> None:
     res["loaders"]["rows"][2]["device_top"] = [{"name": "resample_kernel", "ms_per_step": 5.0, "pct": 50.0}]
     text = tp.render_text(res)
     assert "GPU kernels of loader 'cache'" in text and "resample_kernel" in text
+
+
+def test_compiled_form_is_set_for_one_row_and_restored() -> None:
+    from fastvpd.data import gpu_aug
+
+    before = gpu_aug.COMPILED_FORM
+    with tp._compiled_form("pointwise"):
+        assert gpu_aug.COMPILED_FORM == "pointwise"
+    assert gpu_aug.COMPILED_FORM == before
+    with pytest.raises(RuntimeError), tp._compiled_form("pointwise"):
+        raise RuntimeError("a row failed")
+    assert gpu_aug.COMPILED_FORM == before
+    with tp._compiled_form(None):
+        assert gpu_aug.COMPILED_FORM == before
+    assert "cache_compiled_pointwise" in tp.COMPILED_ROWS and "cache_compiled_pointwise" in tp.GRAPHED_ROWS

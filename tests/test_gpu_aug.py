@@ -398,3 +398,55 @@ def test_compiled_pixel_work_renders_the_same_views(monkeypatch: pytest.MonkeyPa
             torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("h", "w", "k"), [(24, 24, 3), (17, 29, 5), (6, 9, 11)])
+def test_blur_stencil_sums_what_the_banded_matrices_do(h: int, w: int, k: int) -> None:
+    """The compiled form of the blur (gathered taps) against the eager one (banded matmuls), including a
+    kernel longer than the image (reflection beyond one bounce) and a delta kernel (the identity)."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.rand(3, 3, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    ker = G.gaussian_kernels(torch.tensor([0.3, 1.0, 2.0]), k)
+    ker[2] = (torch.arange(k) == k // 2).float()
+    want = G._blur_planar(x, G.blur_matrices(ker, h), G.blur_matrices(ker, w)).view(x.shape)
+    got = G.blur_stencil(x, ker)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.equal(got[2], x[2])
+
+
+def test_compiled_form_leaves_no_matmul_over_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside torch.compile the colour matrices, hue's differences and the blur are elementwise sums
+    (G.COMPILED_FORM = "pointwise": no bmm for Inductor to leave as an extern pass over the image), the
+    views equal the eager matmul form's, and "matmul" keeps the matmuls (benchmarks' A/B row)."""
+    imgs = _images(4)
+    pixels, offsets, H, W = _store(imgs)
+    idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    real_compile = torch.compile
+    ops: list[str] = []
+
+    def recording(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> object:
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": recording}))
+    views = {}
+    try:
+        for form in ("eager", "pointwise", "matmul"):
+            torch._dynamo.reset()
+            ops.clear()
+            monkeypatch.setattr(G, "COMPILED_FORM", form if form != "eager" else "pointwise")
+            gen = torch.Generator().manual_seed(5)
+            aug = G.PixelAugmenter(
+                moco_v2(24), pixels, offsets, H, W, torch.float32, gen, compile=form != "eager"
+            )
+            views[form] = aug.render(pixels, offsets[idx], H[idx], W[idx], fixed_shape=True)
+            matmuls = [o for o in ops if "mm" in o]  # bmm, mm, baddbmm
+            if form == "pointwise":
+                assert ops and not matmuls, matmuls
+            if form == "matmul":  # 6 blends x 2 (mean, image), hue's differences, blur x 2 + its matrices...
+                assert len(matmuls) >= 6 * 2 + 1 + 2 + 1, matmuls
+    finally:
+        torch._dynamo.reset()
+    for form in ("pointwise", "matmul"):
+        for a, b in zip(views["eager"], views[form]):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)

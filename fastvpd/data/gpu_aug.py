@@ -261,6 +261,29 @@ def _unflat(y: Tensor, h: int, w: int) -> Tensor:
     return y.view(y.shape[0], h, w, y.shape[2]).permute(0, 3, 1, 2)
 
 
+# How the per-sample 3x3 colour matrices, hue's channel differences and the blur run *inside torch.compile*
+# (`data.compile_aug`). "matmul" (the default) keeps the batched matmuls: what the H100 run 3 timed, 15.3 ms
+# of GPU time per two-view batch of 256 at 224 px. "pointwise" spells them as short elementwise sums (the
+# blur as a 1-D stencil of gathered taps), which Inductor can fuse with the clamps, hue, normalisation and
+# cast around them, so no extern GEMM makes its own pass over the image. Not yet timed on a GPU (on the
+# 2-core CPU, Inductor's C++ ran it 2.2x slower than "matmul"); benchmarks/throughput.py times it as the
+# `cache_compiled_pointwise` loader row, and the faster becomes the default. Eager always runs the
+# matmuls: spelled elementwise they would materialise 3x (colour) or k x (blur) temporaries.
+COMPILED_FORM = "matmul"
+
+
+def _fusable() -> bool:
+    """True while torch.compile traces and the pointwise form is chosen (COMPILED_FORM)."""
+    return COMPILED_FORM == "pointwise" and torch.compiler.is_compiling()
+
+
+def mix_rows(xf: Tensor, mix: Tensor) -> Tensor:
+    """Pixel rows times per-sample colour matrices: [B, N, 3] @ [B, 3, J] -> [B, N, J] (fp32)."""
+    if _fusable():  # a size-3 sum Inductor unrolls into the surrounding pointwise kernel
+        return (xf[:, :, :, None] * mix[:, None]).sum(dim=2)
+    return torch.bmm(xf, mix)
+
+
 def rgb_to_gray(x: Tensor) -> Tensor:
     """[B, 1, H, W] luma, torchvision weights."""
     return x[:, 0:1] * _GRAY_W[0] + x[:, 1:2] * _GRAY_W[1] + x[:, 2:3] * _GRAY_W[2]
@@ -302,8 +325,8 @@ def blend_lazy(x: Tensor, beta: Tensor, mix: Tensor, mean_w: Tensor, colsum: Ten
     b, _, h, w = x.shape
     xf = _flat(x)
     mean3 = xf.mean(dim=1, keepdim=True).add_(beta)  # the true image's channel means
-    beta = torch.addcmul(torch.bmm(mean3, mean_w[:, :, :1]), beta, colsum)  # colsum [B, 1, 1] of mix
-    y = torch.bmm(xf, mix).clamp_(min=beta.neg(), max=1.0 - beta)
+    beta = torch.addcmul(mix_rows(mean3, mean_w[:, :, :1]), beta, colsum)  # colsum [B, 1, 1] of mix
+    y = mix_rows(xf, mix).clamp_(min=beta.neg(), max=1.0 - beta)
     return _unflat(y, h, w), beta
 
 
@@ -338,7 +361,10 @@ def hue_apply(x: Tensor, f: Tensor, c: _Consts, on: Tensor | None = None) -> Ten
     xf = _flat(x)
     mx, arg = xf.max(dim=2)  # [B, HW]; the first maximal channel, as torchvision's r-then-g order
     cr = mx - xf.amin(dim=2)
-    d = torch.bmm(c.diff.expand(b, 3, 3), xf.mT)  # [B, 3, HW] planar
+    if _fusable():  # d[b, j, n] = sum_i diff[j, i] x[b, n, i]
+        d = mix_rows(xf, c.diff.mT.expand(b, 3, 3)).mT
+    else:
+        d = torch.bmm(c.diff.expand(b, 3, 3), xf.mT)  # [B, 3, HW] planar
     h6 = d.gather(1, arg[:, None])[:, 0].div_(cr.clamp_min(1e-30)).add_(arg, alpha=2)
     u = torch.add(h6[:, :, None], torch.add(c.hue_off, f[:, None, None], alpha=6.0))
     u.remainder_(6.0).sub_(3.0).abs_().clamp_(1.0, 2.0)
@@ -368,16 +394,31 @@ def blur_matrices(kernels: Tensor, n: int) -> Tensor:
     A delta kernel gives the identity exactly.
     """
     k = kernels.shape[1]
-    dev = kernels.device
-    i = torch.arange(n, device=dev)
-    src = torch.arange(-(k // 2), k - k // 2, device=dev)[:, None] + i  # [t, i]: tap t of output row i
-    if n > 1:  # reflect (torch's "reflect" pad: -1 -> 1, n -> n-2), periodic beyond one reflection
-        src = src.remainder(2 * n - 2)
-        src = torch.where(src >= n, 2 * n - 2 - src, src)
-    else:
-        src = torch.zeros_like(src)
-    taps = (src[:, :, None] == i).to(torch.float32)  # [t, i, j]
+    src = reflect_taps(n, k, kernels.device)
+    taps = (src[:, :, None] == torch.arange(n, device=kernels.device)).to(torch.float32)  # [t, i, j]
     return torch.mm(kernels.float(), taps.view(k, n * n)).view(-1, n, n)
+
+
+def reflect_taps(n: int, k: int, device: torch.device) -> Tensor:
+    """[k, n] int64: the row that tap t of a centred k-tap kernel reads for output row i, with torch's
+    "reflect" padding (-1 -> 1, n -> n-2), periodic beyond one reflection."""
+    i = torch.arange(n, device=device)
+    src = torch.arange(-(k // 2), k - k // 2, device=device)[:, None] + i  # [t, i]
+    if n > 1:
+        src = src.remainder(2 * n - 2)
+        return torch.where(src >= n, 2 * n - 2 - src, src)
+    return torch.zeros_like(src)
+
+
+def blur_stencil(x: Tensor, kernels: Tensor) -> Tensor:
+    """The separable blur as gathered taps (rows, then columns; the same sums as the banded matrices of
+    `blur_matrices`), for torch.compile: Inductor turns each pass into one kernel that reads k taps per
+    output pixel. x [B, C, H, W], kernels [B, k] -> [B, C, H, W]."""
+    _, _, h, w = x.shape
+    k = kernels.shape[1]
+    ker = kernels.float()
+    rows = (x[:, :, reflect_taps(h, k, x.device)] * ker[:, None, :, None, None]).sum(dim=2)  # [B, C, H, W]
+    return (rows[..., reflect_taps(w, k, x.device)] * ker[:, None, None, :, None]).sum(dim=3)
 
 
 def _blur_planar(x: Tensor, ay: Tensor, ax: Tensor) -> Tensor:
@@ -397,6 +438,8 @@ def gaussian_blur(x: Tensor, sigma: Tensor, k: int) -> Tensor:
     """Per-sample separable Gaussian blur (reflect padding, as torchvision), channels-last out."""
     ker = gaussian_kernels(sigma, k)
     h, w = x.shape[-2:]
+    if _fusable():
+        return blur_stencil(x, ker).contiguous(memory_format=torch.channels_last)
     with exact_matmul(x.device):
         ay = blur_matrices(ker, h)
         z = _blur_planar(x, ay, ay if w == h else blur_matrices(ker, w))
@@ -554,8 +597,11 @@ def finish(
             ker = gaussian_kernels(p.sigma, k)  # type: ignore[arg-type]
             delta = (torch.arange(k, device=x.device) == k // 2).to(torch.float32)
             ker = torch.where(blur_on[:, None], ker, delta)
-            ay = blur_matrices(ker, h)
-            src = _blur_planar(x, ay, ay if w == h else blur_matrices(ker, w)).mT  # [B, HW, 3]
+            if _fusable():
+                src = _flat(blur_stencil(x, ker).contiguous(memory_format=torch.channels_last))
+            else:
+                ay = blur_matrices(ker, h)
+                src = _blur_planar(x, ay, ay if w == h else blur_matrices(ker, w)).mT  # [B, HW, 3]
         else:
             src = _flat(x)
         bias = None
@@ -565,7 +611,7 @@ def finish(
         if beta is not None:
             off = beta * mix.sum(dim=1, keepdim=True)  # [B, 1, 3]
             bias = off if bias is None else off + bias
-        y = torch.bmm(src, mix)
+        y = mix_rows(src, mix)
     if bias is not None or dtype != torch.float32:
         out = torch.empty(y.shape, dtype=dtype, device=y.device)
         y = out.copy_(y) if bias is None else torch.add(y, bias, out=out)
