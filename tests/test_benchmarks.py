@@ -240,6 +240,31 @@ def test_step_ladder_end_to_end_small(tmp_path: Path) -> None:
     assert (tmp_path / "results.md").is_file() and (tmp_path / "chart.png").is_file()
 
 
+def test_compiled_rung_compiles_under_its_inductor_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An INDUCTOR_VARIANTS rung compiles afresh (Dynamo would otherwise reuse the last rung's code) with
+    its settings in force when the lazy compile runs; the variants are opt-in and GPU-only."""
+    seen: list[bool] = []
+
+    def recording(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> object:
+        seen.append(torch._inductor.config.conv_1x1_as_mm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, **{**kw, "backend": recording}))
+    opts = tp.Options(arch="resnet18", res=16, batch=4, queue=8, warmup=1, repeats=1)
+    cpu = torch.device("cpu")
+    try:
+        for settings, want in ((None, False), ({"conv_1x1_as_mm": True}, True)):
+            seen.clear()
+            tp._package_rung(opts, cpu, False, True, inductor=settings)()
+            assert seen and all(v is want for v in seen), seen  # query (fwd, bwd) and key encoders
+        assert torch._inductor.config.conv_1x1_as_mm is False  # restored after the compiling call
+    finally:
+        torch._dynamo.reset()
+    names = [r.name for r in tp.moco_ladder(tp.Options(compile=True, inductor_variants=True), cpu)]
+    assert not any("GEMMs" in n for n in names)  # CPU: no CUDA-graph rungs, so no variants
+
+
 @pytest.mark.cuda
 def test_step_ladder_on_gpu(tmp_path: Path) -> None:
     """Every GPU rung runs (bf16, CUDA graph) and reports MFU and peak memory."""
