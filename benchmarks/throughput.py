@@ -58,7 +58,7 @@ RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
 LOADER_BACKENDS = (
     "torchvision", "ffcv", "ffcv_once", "dali", "dali_fused", "cache", "cache_graphed", "cache_compiled",
-    "cache_compiled_pointwise",
+    "cache_compiled_pointwise", "ffcv_compiled",
 )  # fmt: skip
 # loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per sample
 # for both views (instead of once per view), dali with the fused instead of the exact colour jitter
@@ -70,12 +70,16 @@ LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "cache_compiled": ("cache", {"compile_aug": "true"}),  # ... and their pixel work torch.compiled
     # ... with the colour matrices and the blur spelled elementwise for Inductor (gpu_aug.COMPILED_FORM)
     "cache_compiled_pointwise": ("cache", {"compile_aug": "true"}),
+    "ffcv_compiled": ("ffcv", {"compile_aug": "true"}),  # ffcv's device finishing ops torch.compiled
 }
-COMPILED_ROWS = ("cache_compiled", "cache_compiled_pointwise")  # need --compile
-GRAPHED_ROWS = ("cache_graphed", *COMPILED_ROWS)
+COMPILED_ROWS = ("cache_compiled", "cache_compiled_pointwise", "ffcv_compiled")  # need --compile
+GRAPHED_ROWS = ("cache_graphed", "cache_compiled", "cache_compiled_pointwise")
 # end to end, `cache` renders the views inside the training step (its CUDA graph on a GPU, the default);
 # `cache_in_loader` renders them in the loader, as the loaders section's `cache` row times it
-E2E_BACKENDS = (*(b for b in LOADER_BACKENDS if b not in GRAPHED_ROWS), "cache_in_loader")
+E2E_BACKENDS = (
+    *(b for b in LOADER_BACKENDS if b not in GRAPHED_ROWS + COMPILED_ROWS),  # --compile compiles them all
+    "cache_in_loader",
+)
 
 
 def _loader_variant(name: str) -> tuple[str, dict[str, str]]:
@@ -1322,12 +1326,12 @@ def run_pretrain(
         f"train.device={device.type}",
         f"train.amp={opts.amp if device.type == 'cuda' else 'none'}",
         f"train.max_steps={opts.e2e_steps}",
-        # --compile: the trainer as the GPU recipes run it (configs/vipriors_*.yaml), encoders and the cache
-        # backend's pixel work compiled; the first steps compile and are left out of the timing below
+        # --compile: the trainer as the GPU recipes run it (configs/vipriors_*.yaml), encoders and the
+        # loader's device pixel work compiled; the first steps compile and are left out of the timing below
         *(["train.compile=true"] if opts.compile else []),
         *(
             ["data.compile_aug=true"]
-            if opts.compile and data_backend == "cache" and device.type == "cuda"
+            if opts.compile and data_backend in ("cache", "ffcv") and device.type == "cuda"
             else []
         ),
         f"train.out_dir={workdir / backend}",

@@ -40,8 +40,8 @@ class DataConfig:
     # the augmentation is captured in the step's CUDA graph (same draws, same pixels as rendering them in
     # the loader; false renders in the loader)
     aug_in_step: bool = True
-    # cache backend: torch.compile the fixed-shape pixel work of the augmentation (GPU; Inductor fuses its
-    # elementwise chains; the first batches compile for a while). Training loader only.
+    # cache and ffcv backends: torch.compile the fixed-shape pixel work of the augmentation (GPU; Inductor
+    # fuses its elementwise chains; the first batches compile for a while). Training loader only.
     compile_aug: bool = False
 
 

@@ -305,3 +305,37 @@ def test_ffcv_device_ops_equal_the_cpu_kernel(
         for va, vb in zip(a.views, b.views):
             assert vb.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(vb, va, atol=1e-4, rtol=0)
+
+
+def test_ffcv_compiled_finishing_renders_the_same_views(
+    digits_converted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.compile_aug with the ffcv backend: its device finishing ops (the torch path a GPU runs) through
+    torch.compile (its aot_eager backend here) render the eager views, batch for batch."""
+    import fastvpd.data.gpu_aug as G
+
+    monkeypatch.setattr(G, "CPU_KERNEL", False)  # the torch ops, as on a GPU
+    real_compile = torch.compile
+    compiled: list[object] = []
+
+    def compile_aot_eager(fn: object, **kw: object) -> object:
+        compiled.append(fn)
+        return real_compile(fn, **{**kw, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    out = {}
+    torch._dynamo.reset()
+    try:
+        for flag in (False, True):
+            cfg = DataConfig(root=str(digits_converted), backend="ffcv", workers=2, compile_aug=flag)
+            loader = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=4)
+            loader.set_epoch(1)
+            out[flag] = list(itertools.islice(loader, 2))
+    finally:
+        torch._dynamo.reset()
+    assert [getattr(f, "__name__", "") for f in compiled] == ["finish_view"]  # only with compile_aug
+    for a, b in zip(out[False], out[True]):
+        assert torch.equal(a.indices, b.indices)
+        for va, vb in zip(a.views, b.views):
+            assert vb.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(vb, va, atol=1e-5, rtol=0)

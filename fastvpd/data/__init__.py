@@ -245,7 +245,8 @@ def build_loader(
         from fastvpd.data.ffcv import FFCVLoader
 
         decode = str(getattr(data_cfg, "ffcv_decode", "twice"))
-        return FFCVLoader(manifest, split, workers=workers, decode=decode, **common)
+        compile_aug = bool(getattr(data_cfg, "compile_aug", False)) and train
+        return FFCVLoader(manifest, split, workers=workers, decode=decode, compile_aug=compile_aug, **common)
     if backend == "dali":
         from fastvpd.data.dali import DALILoader
 

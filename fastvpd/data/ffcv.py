@@ -41,7 +41,7 @@ import torch
 from fastvpd.config import UserError
 from fastvpd.data import Batch, LoaderBase, mix_seed, torch_threads_kept
 from fastvpd.data import gpu_aug as G
-from fastvpd.data.spec import AugSpec, ResizeCenterCrop
+from fastvpd.data.spec import AugSpec, ResizeCenterCrop, ViewSpec
 
 INSTALL_HINT = "pip install -e '.[ffcv]'"
 
@@ -177,6 +177,22 @@ def _decode_groups(spec: AugSpec, decode: str) -> list[list[int]]:
     return list(groups.values())
 
 
+def finish_view(
+    x: torch.Tensor,
+    view: ViewSpec,
+    p: G.Photometric,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    dtype: torch.dtype,
+    consts: G._Consts,
+) -> torch.Tensor:
+    """One decoded uint8 view [B, 3, R, R] finished on the device: jitter, grayscale, blur, normalise,
+    `dtype` channels-last out (fixed shapes, no draws inside: `torch.compile` can fuse it whole). The
+    float copy also takes the pixels out of FFCV's ring buffer, which it reuses `batches_ahead` later."""
+    x = x.to(torch.float32, memory_format=torch.channels_last).div_(255.0)
+    return G.photometric(x, view, p, False, mean, std, dtype, consts)
+
+
 class FFCVLoader(LoaderBase):
     """ffcv.loader.Loader over OUT/<split>/<split>.beton, finished on the device by gpu_aug."""
 
@@ -194,6 +210,7 @@ class FFCVLoader(LoaderBase):
         train: bool = True,
         workers: int = 0,
         decode: str = "twice",
+        compile_aug: bool = False,
     ) -> None:
         _import_ffcv()
         from ffcv.fields.decoders import IntDecoder
@@ -290,6 +307,10 @@ class FFCVLoader(LoaderBase):
             for v in spec.views
         ]
         self.gen = torch.Generator(device=dev)
+        self._consts = G._Consts.make(dev)
+        # data.compile_aug: the fixed-shape finishing work through torch.compile, as the cache backend's
+        # pixel work (the draws stay eager, so the pixels come from the same parameters)
+        self._finish = torch.compile(finish_view, dynamic=False) if compile_aug else finish_view
 
     def _images(self, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """uint8 [B, 3, R, R] channels-last views (NHWC memory), slices of the decoders' [B, V, R, R, 3]."""
@@ -316,12 +337,15 @@ class FFCVLoader(LoaderBase):
             views = []
             for vi, view in enumerate(self.spec.views):
                 # the float copy leaves FFCV's ring buffer, which it reuses batches_ahead later
-                x = images[vi].to(torch.float32, memory_format=torch.channels_last).div_(255.0)
-                if view.autoaugment:
-                    x = G.autoaugment_(x, self.step_seed(self.start_step + k) + vi)
-                ph = G.sample_photometric(view, x.shape[0], self.gen, self.device)
                 mean, std = self._norm[vi]
-                views.append(G.photometric(x, view, ph, mean=mean, std=std, dtype=self.dtype))
+                if view.autoaugment:  # data-dependent: eager
+                    x = images[vi].to(torch.float32, memory_format=torch.channels_last).div_(255.0)
+                    x = G.autoaugment_(x, self.step_seed(self.start_step + k) + vi)
+                    ph = G.sample_photometric(view, x.shape[0], self.gen, self.device)
+                    views.append(G.photometric(x, view, ph, mean=mean, std=std, dtype=self.dtype))
+                    continue
+                ph = G.sample_photometric(view, images[vi].shape[0], self.gen, self.device)
+                views.append(self._finish(images[vi], view, ph, mean, std, self.dtype, self._consts))
             labels = named["label"].to(torch.int64, copy=True)
             indices = named["index"].to(torch.int64, copy=True)
             yield Batch(views, labels, indices)
