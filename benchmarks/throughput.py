@@ -349,8 +349,10 @@ def _package_rung(
     split_bn: str = "blocks",
     precision: Any = None,
     inductor: dict[str, Any] | None = None,
+    overlap: bool = False,
 ) -> Callable[[], Any]:
-    """The package's MoCo step; `inductor`: torch._inductor.config settings its compile runs under."""
+    """The package's MoCo step; `inductor`: torch._inductor.config settings its compile runs under;
+    `overlap`: the key encoder on a second CUDA stream (moco.overlap_key)."""
     step_mod = _require("fastvpd.step", "fastvpd.step")
     from fastvpd.config import OptimConfig
     from fastvpd.optim import build_sgd
@@ -372,8 +374,10 @@ def _package_rung(
     dtype = precision.dtype or torch.float32
     v1, v2 = synthetic_views(opts.batch, opts.res, device, dtype, True)
 
+    side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+
     def fn(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-        return step_mod.moco_step(model, opt, precision, meters, a, b)
+        return step_mod.moco_step(model, opt, precision, meters, a, b, key_stream=side)
 
     if inductor:  # compiling is lazy: the settings must hold on the calls that compile (the first)
         plain = fn
@@ -406,6 +410,12 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
             "" if gpu else no_gpu,
             warmup_extra=4,
         ),
+        Rung(
+            "+ CUDA graph, key encoder on a 2nd stream",
+            (lambda: _package_rung(opts, device, True, False, overlap=True)) if gpu else None,
+            "" if gpu else no_gpu,
+            warmup_extra=4,
+        ),
     ]
     # split-BN's other eager implementation (all groups' statistics in two reductions): graphed on a GPU
     rungs.append(
@@ -428,6 +438,13 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
                 Rung(
                     "+ torch.compile + CUDA graph",
                     lambda: _package_rung(opts, device, True, True),
+                    warmup_extra=4,
+                )
+            )
+            rungs.append(
+                Rung(
+                    "+ torch.compile + CUDA graph, key encoder on a 2nd stream",
+                    lambda: _package_rung(opts, device, True, True, overlap=True),
                     warmup_extra=4,
                 )
             )

@@ -82,6 +82,9 @@ class MocoConfig:
     # split-BN's eager kernels: blocks (PyTorch's BN per group, written in place) | fused (all groups'
     # statistics in two reductions, one normalisation kernel); same maths, see fastvpd.models.SplitBatchNorm
     split_bn: str = "blocks"
+    # one CUDA device, one process: the key encoder's momentum update and forward on a second CUDA stream,
+    # beside the query forward (same results; an H100 run decides whether it is faster). Off elsewhere.
+    overlap_key: bool = False
 
 
 @dataclass

@@ -60,7 +60,18 @@ class MocoTask:
             if not precision.graphable
             else ""
         )
-        fn = functools.partial(moco_step, model, optimizer, precision, self.meters, skip_nonfinite=skip)
+        key_stream = None
+        if cfg.moco.overlap_key:
+            if info.device.type == "cuda" and not info.distributed:
+                key_stream = torch.cuda.Stream(info.device)
+                say(
+                    "moco.overlap_key: the key encoder runs on a second CUDA stream, beside the query forward"
+                )
+            else:
+                say("moco.overlap_key needs one CUDA device in one process: the key encoder runs in sequence")
+        fn = functools.partial(
+            moco_step, model, optimizer, precision, self.meters, skip_nonfinite=skip, key_stream=key_stream
+        )
         self.loader = loader
         self.in_step = views_in_step(cfg.data, loader, say)
         if self.in_step:

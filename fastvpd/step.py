@@ -234,6 +234,7 @@ def moco_step(
     v1: Tensor,
     v2: Tensor,
     skip_nonfinite: bool = False,
+    key_stream: torch.cuda.Stream | None = None,
 ) -> dict[str, Tensor]:
     """One MoCo step on views `v1` (query) and `v2` (key); returns 0-d device metrics `MOCO_METRICS`.
 
@@ -241,14 +242,20 @@ def moco_step(
     BEFORE the key forward (so the first step's keys come from θ_k = θ_q), the loss is taken against the
     queue as it was before this batch, and this batch's keys are enqueued last (`MoCo.enqueue_`
     all-gathers them over ranks itself). `acc` = fraction of queries whose positive logit is the largest.
+    `key_stream` (`moco.overlap_key`): run the momentum update and key forward there, beside the query
+    forward (`key_beside_query`); the same computation, scheduled concurrently.
     """
     optimizer.zero_grad(set_to_none=True)
     restore_bn = bn_snapshot(model, skip_nonfinite)
-    model.momentum_update_()
+    if key_stream is not None:
+        q, k = key_beside_query(model, precision, v1, v2, key_stream)
+    else:
+        model.momentum_update_()
+        with precision.autocast():
+            q = model.query(v1)
+            with torch.no_grad():
+                k = model.key(v2)
     with precision.autocast():
-        q = model.query(v1)
-        with torch.no_grad():
-            k = model.key(v2)
         loss, logits = model.loss(q, k)
     applied = precision.backward_step(loss, optimizer, skip_nonfinite)
     if applied:
@@ -259,6 +266,30 @@ def moco_step(
     metrics = {"loss": loss.detach().float(), "acc": acc}
     meters.accumulate(metrics)
     return metrics
+
+
+def key_beside_query(
+    model: Any, precision: Precision, v1: Tensor, v2: Tensor, side: torch.cuda.Stream
+) -> tuple[Tensor, Tensor]:
+    """(q, k) with the key encoder's momentum update and forward on stream `side`, concurrent with the
+    query forward on the current stream: the two only share reads of θ_q, and the query's backward and
+    optimizer step (which write θ_q) come after the join. Many of ResNet's kernels (BN statistics, the
+    late stages' small convolutions) leave SMs idle that the other encoder can use.
+
+    Safe without `record_stream`: every side phase starts by waiting for all the work queued on the
+    current stream, so memory the side stream frees (k, after its uses here) is reused only after those
+    uses. Capturable: `side` forks from the capturing stream and joins it again.
+    """
+    main = torch.cuda.current_stream(v1.device)
+    side.wait_stream(main)  # v2 written, θ_q final for this step
+    with torch.cuda.stream(side):
+        model.momentum_update_()
+        with precision.autocast(), torch.no_grad():
+            k = model.key(v2)
+    with precision.autocast():
+        q = model.query(v1)
+    main.wait_stream(side)
+    return q, k
 
 
 # ---------------------------------------------------------------- CUDA graphs

@@ -175,3 +175,18 @@ def test_views_rendered_in_the_step_train_bit_identically(
     sa = checkpoint.load(da / "checkpoints" / "last.pt")["task"]["classifier"]["state_dict"]
     sb = checkpoint.load(db / "checkpoints" / "last.pt")["task"]["classifier"]["state_dict"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_overlap_key_off_a_gpu_says_so_and_trains_the_same(
+    digits_converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """moco.overlap_key needs one CUDA device: elsewhere one line says the key encoder runs in sequence,
+    and the run is the plain one, bit for bit (the GPU test compares the overlapped step itself)."""
+    steps = ["train.max_steps=2", "train.epochs=1"]
+    plain = _run(digits_converted, tmp_path / "plain", *steps)
+    assert "moco.overlap_key" not in capsys.readouterr().out
+    asked = _run(digits_converted, tmp_path / "asked", *steps, "moco.overlap_key=true")
+    assert "moco.overlap_key needs one CUDA device" in capsys.readouterr().out
+    a = checkpoint.load(plain / "checkpoints" / "last.pt")["task"]["model"]
+    b = checkpoint.load(asked / "checkpoints" / "last.pt")["task"]["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
