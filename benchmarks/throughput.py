@@ -1541,6 +1541,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: usable cores)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile rung")
     p.add_argument(
+        "--no-distill", action="store_true", help="skip the distillation step ladder (with --sections steps)"
+    )
+    p.add_argument(
         "--inductor-variants",
         action="store_true",
         help="with --compile on a GPU: also time the compiled MoCo step under each INDUCTOR_VARIANTS setting",
@@ -1595,6 +1598,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
         threads=a.threads,
         compile=a.compile,
         inductor_variants=a.inductor_variants,
+        distill=not a.no_distill,
         rungs=a.rungs,
         profile=a.profile,
         data_dir=a.data_dir,

@@ -345,3 +345,8 @@ def test_compiled_form_is_set_for_one_row_and_restored() -> None:
     with tp._compiled_form(None):
         assert gpu_aug.COMPILED_FORM == before
     assert "cache_compiled_pointwise" in tp.COMPILED_ROWS and "cache_compiled_pointwise" in tp.GRAPHED_ROWS
+
+
+def test_no_distill_flag() -> None:
+    assert tp.parse_args([])[0].distill and not tp.parse_args(["--no-distill"])[0].distill
+    assert tp.parse_args(["--compile", "--inductor-variants"])[0].inductor_variants
