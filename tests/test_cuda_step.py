@@ -56,31 +56,31 @@ def _run(graph: bool, overlap: bool = False) -> tuple[MoCo, list[float], list[st
     return model, losses, logs
 
 
+def _same_training(ref: MoCo, l_ref: list[float], other: MoCo, l_other: list[float]) -> None:
+    """Same losses (bf16 tolerance), queue pointer, weights, key encoder, queue and BN statistics."""
+    assert l_ref == pytest.approx(l_other, rel=2e-2, abs=2e-2)
+    sr, so = ref.state_dict(), other.state_dict()
+    assert torch.equal(sr["queue_ptr"], so["queue_ptr"])
+    for k, v in sr.items():
+        if v.is_floating_point():
+            assert torch.allclose(v.float(), so[k].float(), rtol=5e-2, atol=5e-3), k
+
+
 def test_graph_matches_eager() -> None:
     eager, l_e, _ = _run(False)
     graphed, l_g, logs = _run(True)
     assert any("captured" in m for m in logs), logs
-    assert l_e == pytest.approx(l_g, rel=2e-2, abs=2e-2)
-    se, sg = eager.state_dict(), graphed.state_dict()
-    assert torch.equal(se["queue_ptr"], sg["queue_ptr"])
-    for k, v in se.items():
-        if v.is_floating_point():
-            assert torch.allclose(v.float(), sg[k].float(), rtol=5e-2, atol=5e-3), k
+    _same_training(eager, l_e, graphed, l_g)
 
 
 @pytest.mark.parametrize("graph", [False, True])
 def test_key_encoder_on_a_second_stream_trains_the_same(graph: bool) -> None:
     """moco.overlap_key: the momentum update and key forward on a side stream, eager and captured, give the
-    sequential step's losses, weights, key encoder and queue (same kernels, scheduled concurrently)."""
+    sequential step's training (same kernels, scheduled concurrently)."""
     seq, l_s, _ = _run(False)
     ovl, l_o, logs = _run(graph, overlap=True)
     assert not graph or any("captured" in m for m in logs), logs
-    assert l_s == pytest.approx(l_o, rel=2e-2, abs=2e-2)
-    ss, so = seq.state_dict(), ovl.state_dict()
-    assert torch.equal(ss["queue_ptr"], so["queue_ptr"])
-    for k, v in ss.items():
-        if v.is_floating_point():
-            assert torch.allclose(v.float(), so[k].float(), rtol=5e-2, atol=5e-3), k
+    _same_training(seq, l_s, ovl, l_o)
 
 
 def test_replay_has_no_host_sync() -> None:
