@@ -654,8 +654,8 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
     dtype = torch.bfloat16 if device.type == "cuda" and opts.amp == "bf16" else torch.float32
     spec = data_mod.moco_v2(opts.res)
     t0 = time.perf_counter()
-    if name in GRAPHED_ROWS and device.type != "cuda":
-        raise Skip("needs a CUDA GPU (on CPU it is the cache row)")
+    if name in GRAPHED_ROWS + COMPILED_ROWS and device.type != "cuda":
+        raise Skip(f"needs a CUDA GPU (on CPU it is the {backend} row)")
     loader = data_mod.build_loader(cfg, spec, "train", opts.batch, device, dtype, seed=0)
     if name in GRAPHED_ROWS:
         loader = GraphedViews(loader)
