@@ -310,8 +310,9 @@ def test_ffcv_device_ops_equal_the_cpu_kernel(
 def test_ffcv_compiled_finishing_renders_the_same_views(
     digits_converted: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """data.compile_aug with the ffcv backend: its device finishing ops (the torch path a GPU runs) through
-    torch.compile (its aot_eager backend here) render the eager views, batch for batch."""
+    """data.compile_aug with the ffcv backend: its device finishing ops in their fixed-shape form through
+    torch.compile (its aot_eager backend here) render the views of the eager ops (on CPU their subset
+    form), batch for batch."""
     import fastvpd.data.gpu_aug as G
 
     monkeypatch.setattr(G, "CPU_KERNEL", False)  # the torch ops, as on a GPU

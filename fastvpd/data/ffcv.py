@@ -185,12 +185,14 @@ def finish_view(
     std: torch.Tensor,
     dtype: torch.dtype,
     consts: G._Consts,
+    subset: bool | None = None,
 ) -> torch.Tensor:
     """One decoded uint8 view [B, 3, R, R] finished on the device: jitter, grayscale, blur, normalise,
-    `dtype` channels-last out (fixed shapes, no draws inside: `torch.compile` can fuse it whole). The
-    float copy also takes the pixels out of FFCV's ring buffer, which it reuses `batches_ahead` later."""
+    `dtype` channels-last out. With `subset=False` (fixed shapes, no draws inside) `torch.compile` can
+    fuse it whole; None is the device's default form (`G.photometric`). The float copy also takes the
+    pixels out of FFCV's ring buffer, which it reuses `batches_ahead` later."""
     x = x.to(torch.float32, memory_format=torch.channels_last).div_(255.0)
-    return G.photometric(x, view, p, False, mean, std, dtype, consts)
+    return G.photometric(x, view, p, subset, mean, std, dtype, consts)
 
 
 class FFCVLoader(LoaderBase):
@@ -311,6 +313,7 @@ class FFCVLoader(LoaderBase):
         # data.compile_aug: the fixed-shape finishing work through torch.compile, as the cache backend's
         # pixel work (the draws stay eager, so the pixels come from the same parameters)
         self._finish = torch.compile(finish_view, dynamic=False) if compile_aug else finish_view
+        self._subset = False if compile_aug else None
 
     def _images(self, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """uint8 [B, 3, R, R] channels-last views (NHWC memory), slices of the decoders' [B, V, R, R, 3]."""
@@ -345,7 +348,9 @@ class FFCVLoader(LoaderBase):
                     views.append(G.photometric(x, view, ph, mean=mean, std=std, dtype=self.dtype))
                     continue
                 ph = G.sample_photometric(view, images[vi].shape[0], self.gen, self.device)
-                views.append(self._finish(images[vi], view, ph, mean, std, self.dtype, self._consts))
+                views.append(
+                    self._finish(images[vi], view, ph, mean, std, self.dtype, self._consts, self._subset)
+                )
             labels = named["label"].to(torch.int64, copy=True)
             indices = named["index"].to(torch.int64, copy=True)
             yield Batch(views, labels, indices)
