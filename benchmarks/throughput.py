@@ -594,11 +594,7 @@ def _device_ms_per_batch(
             next(it)
         torch.cuda.synchronize(device)
     events = prof.key_averages()
-    total_us = 0.0
-    for e in events:
-        total_us += float(
-            getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0
-        )
+    total_us = sum(_self_us(e, on_device=True) for e in events)
     return total_us / 1000.0 / batches, top_ops(events, batches, on_device=True, top=8)
 
 
@@ -1221,16 +1217,18 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     return paths
 
 
+def _self_us(e: Any, on_device: bool) -> float:
+    """A profiler event's self time in µs: on the device (named self_cuda_time_total before torch 2.4), or on
+    the CPU."""
+    if on_device:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+    return float(getattr(e, "self_cpu_time_total", 0.0) or 0.0)
+
+
 def top_ops(events: Any, steps: int, on_device: bool, top: int = 12) -> list[dict[str, Any]]:
     """The ops (GPU: kernels) with the most self time in a profile, per step and as a share of all of it,
     so a report says where the step's time goes without opening the trace."""
-
-    def self_us(e: Any) -> float:
-        if on_device:
-            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
-        return float(getattr(e, "self_cpu_time_total", 0.0) or 0.0)
-
-    timed = [(e.key, self_us(e), int(getattr(e, "count", 0) or 0)) for e in events]
+    timed = [(e.key, _self_us(e, on_device), int(getattr(e, "count", 0) or 0)) for e in events]
     timed = [t for t in timed if t[1] > 0]
     total = sum(t[1] for t in timed)
     timed.sort(key=lambda t: -t[1])

@@ -348,8 +348,8 @@ def launch(
         say(f"{done}; {best}checkpoint {result.last_checkpoint}")
         return result
     finally:
-        if hasattr(loader, "close"):
-            loader.close()  # torchvision backend: stop its persistent workers now, not at a later GC
+        if loader is not None:
+            loader.close()  # the torchvision backend stops its persistent workers now, not at a later GC
         dist.shutdown()
 
 

@@ -195,6 +195,10 @@ class LoaderBase:
     def __iter__(self) -> Iterator[Batch]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the loader holds beyond its memory (worker processes); nothing by default.
+        `engine.launch` calls it when a run ends."""
+
 
 def build_loader(
     data_cfg: Any,

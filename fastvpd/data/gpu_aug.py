@@ -434,16 +434,23 @@ def _blur_planar(x: Tensor, ay: Tensor, ax: Tensor) -> Tensor:
     return z.view(b, ch, h * w)
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, k: int) -> Tensor:
-    """Per-sample separable Gaussian blur (reflect padding, as torchvision), channels-last out."""
-    ker = gaussian_kernels(sigma, k)
+def blur_rows(x: Tensor, kernels: Tensor) -> Tensor:
+    """x [B, C, H, W] channels-last blurred along both axes by each sample's 1-D kernel ([B, k]), as pixel
+    rows [B, H*W, C]: banded matmuls (call under `exact_matmul`), or gathered taps inside torch.compile
+    when COMPILED_FORM is "pointwise"."""
     h, w = x.shape[-2:]
     if _fusable():
-        return blur_stencil(x, ker).contiguous(memory_format=torch.channels_last)
+        return _flat(blur_stencil(x, kernels).contiguous(memory_format=torch.channels_last))
+    ay = blur_matrices(kernels, h)
+    return _blur_planar(x, ay, ay if w == h else blur_matrices(kernels, w)).mT
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, k: int) -> Tensor:
+    """Per-sample separable Gaussian blur (reflect padding, as torchvision), channels-last out."""
+    h, w = x.shape[-2:]
     with exact_matmul(x.device):
-        ay = blur_matrices(ker, h)
-        z = _blur_planar(x, ay, ay if w == h else blur_matrices(ker, w))
-    return z.view(x.shape).contiguous(memory_format=torch.channels_last)
+        rows = blur_rows(x, gaussian_kernels(sigma, k))
+    return _unflat(rows, h, w).contiguous(memory_format=torch.channels_last)
 
 
 # ------------------------------------------------------------------------------------ per-view params
@@ -596,12 +603,7 @@ def finish(
             k = view.blur.kernel_size(h)  # type: ignore[union-attr]
             ker = gaussian_kernels(p.sigma, k)  # type: ignore[arg-type]
             delta = (torch.arange(k, device=x.device) == k // 2).to(torch.float32)
-            ker = torch.where(blur_on[:, None], ker, delta)
-            if _fusable():
-                src = _flat(blur_stencil(x, ker).contiguous(memory_format=torch.channels_last))
-            else:
-                ay = blur_matrices(ker, h)
-                src = _blur_planar(x, ay, ay if w == h else blur_matrices(ker, w)).mT  # [B, HW, 3]
+            src = blur_rows(x, torch.where(blur_on[:, None], ker, delta))  # [B, HW, 3]
         else:
             src = _flat(x)
         bias = None
