@@ -158,8 +158,8 @@ class Options:
                 else ("resnet50", 128, 128, 4096, 3, 10, 1024, 6, 20)
             )
         elif gpu:
-            # 6144 images = 24 batches of 256 per epoch: room for a 16-process torchvision warm-up and the
-            # 8 timed batches inside one epoch (2048 made the baseline time its worker restarts)
+            # at least 6144 images = 24 batches of 256 (2048 made the baseline time its worker restarts);
+            # raised below to two whole rounds of torchvision workers (see loader_schedule)
             d = ("resnet50", 224, 256, 4096, 5, 20, 6144, 8, 30)
         else:
             d = ("resnet18", 96, 64, 4096, 2, 5, 1024, 8, 20)
@@ -174,6 +174,7 @@ class Options:
             "loader_batches",
             "e2e_steps",
         )
+        images_given = bool(self.images)
         for name, default in zip(names, d):
             if not getattr(self, name):
                 setattr(self, name, default)
@@ -181,6 +182,8 @@ class Options:
             self.queue = max(self.queue // self.batch, 1) * self.batch
         if not self.loader_workers:
             self.loader_workers = usable_cores()
+        if gpu and not self.quick and not images_given:  # first batch + 2 rounds, the torchvision timing
+            self.images = max(self.images, self.batch * (2 * self.loader_workers + 1))
         if not self.threads:
             self.threads = usable_cores()
         if not self.data_dir:
@@ -637,6 +640,36 @@ class GraphedViews:
             yield type(b)([out[str(i)] for i in range(len(out))], b.labels, b.indices)
 
 
+def loader_schedule(per_epoch: int, wanted: int, workers: int = 1, warm_min: int = 1) -> tuple[int, int, str]:
+    """(warm-up, timed, note): how many batches to draw after the first, then to time, inside one epoch.
+
+    A DataLoader with `workers` processes hands batch i to worker i % workers, and each builds a whole
+    batch, so batches come in rounds of `workers`: a round's batches all arrive about one batch-build time
+    after the previous round's. Timing part of a round charges the whole round's time to that part (run 3
+    timed 8 batches of a 16-worker round and halved the torchvision baseline), and timing across the
+    epoch's end adds the idle restart. So: warm up to the end of the first round, time whole rounds (at
+    least `wanted` batches, fewer whole rounds if the epoch is short), and say so when not even one
+    round fits. Thread-pool loaders are `workers=1`. `note` is "" when the timing is clean.
+    """
+    warm = max(warm_min, workers - 1)
+    timed = -(-wanted // workers) * workers
+    room = per_epoch - 1 - warm
+    if timed <= room:
+        return warm, timed, ""
+    if room >= workers:
+        return warm, room // workers * workers, ""
+    warm = max(1, min(warm, per_epoch - 1 - wanted))
+    return (
+        warm,
+        wanted,
+        (
+            f"epoch of {per_epoch} batches < {1 + warm} warm-up + {timed} timed (whole rounds of "
+            f"{workers} workers): the timing includes idle workers or an epoch restart (use --images to "
+            "lengthen the epoch)"
+        ),
+    )
+
+
 def measure_one_loader(name: str, root: Path, opts: Options, device: torch.device) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
@@ -660,43 +693,37 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
     assert len(first.views) == 2 and first.views[0].shape[-1] == opts.res, "loader broke the contract"
     sync(device)
     first_s = time.perf_counter() - t0
-    # Warm-up until the pipeline is full: one batch for thread pools, one per worker process for the
-    # torchvision DataLoader (each worker builds whole batches, so the first `workers` arrive together).
-    # The timed batches should not cross an epoch end, where a process pool idles for one batch time.
     per_epoch = len(loader)
-    warm = max(1, getattr(loader, "workers", 1) if backend == "torchvision" else 1)
-    if name in GRAPHED_ROWS:
-        warm = 3  # two eager warm-up renders (the first compiles, for cache_compiled), then the capture
-    warm = min(warm, max(1, per_epoch - 1 - opts.loader_batches))
+    workers = max(1, getattr(loader, "workers", 1)) if backend == "torchvision" else 1
+    # two eager warm-up renders (the first compiles, for cache_compiled), then the capture
+    warm, timed, note = loader_schedule(
+        per_epoch, opts.loader_batches, workers, 3 if name in GRAPHED_ROWS else 1
+    )
     for _ in range(warm):
         next(it)
     sync(device)
-    crosses = 1 + warm + opts.loader_batches > per_epoch
     with HwMonitor(device) as hw:
         t = time.perf_counter()
-        for _ in range(opts.loader_batches):
+        for _ in range(timed):
             next(it)
         sync(device)
         dt = time.perf_counter() - t
     row: dict[str, Any] = {
         "name": name,
         "status": "ok",
-        "samples_s": opts.loader_batches * opts.batch / dt,
-        "ms_per_batch": 1000.0 * dt / opts.loader_batches,
+        "samples_s": timed * opts.batch / dt,
+        "ms_per_batch": 1000.0 * dt / timed,
         "first_batch_s": first_s,
         "cpu_util_pct": hw.result.get("cpu_util_pct"),
         "cpu_util_per_core_pct": hw.result.get("cpu_util_per_core_pct"),
         "process_cpu_s": hw.result.get("process_cpu_s"),
         "gpu": hw.result.get("gpu"),
-        "batches": opts.loader_batches,
+        "batches": timed,
         "warmup_batches": 1 + warm,
     }
-    if crosses:
-        row["note"] = (
-            f"epoch of {per_epoch} batches < {1 + warm} warm-up + {opts.loader_batches} timed: "
-            "the timing includes an epoch restart (use --images to lengthen the epoch)"
-        )
-        log(f"loader {name}: {row['note']}")
+    if note:
+        row["note"] = note
+        log(f"loader {name}: {note}")
     if backend in ("cache", "ffcv", "dali"):
         try:
             dev = _device_ms_per_batch(loader, device, min(3, opts.loader_batches))

@@ -278,22 +278,39 @@ def test_step_ladder_on_gpu(tmp_path: Path) -> None:
             assert r["peak_mem_gib"] > 0 and r["mfu_pct"] > 0
 
 
-@pytest.mark.parametrize(("images_batches", "crosses"), [(4, True), (64, False)])
+@pytest.mark.parametrize(("images_batches", "crosses"), [(3, True), (64, False)])
 def test_loader_row_warms_every_worker_and_flags_epoch_restarts(
     digits_converted: Path, images_batches: int, crosses: bool
 ) -> None:
-    """The torchvision row warms up one batch per worker process before timing, and a timing that has to
-    cross an epoch end (where a process pool idles for a batch time) says so in the row and the notes."""
+    """The torchvision row warms up to the end of the first round of worker batches and times whole
+    rounds; a timing that cannot fit one round in the epoch (idle workers, a restart) says so."""
     batch = 500 // images_batches  # the digits' train split holds 500 images
     opts = tp.Options(quick=True, res=16, batch=batch, loader_batches=3, loader_workers=2)
     opts.resolve(torch.device("cpu"))
     row = tp.measure_one_loader("torchvision", digits_converted, opts, torch.device("cpu"))
     assert row["status"] == "ok" and row["samples_s"] > 0
     per_epoch = 500 // batch
-    assert row["warmup_batches"] == (1 + min(2, max(1, per_epoch - 1 - 3)))
+    assert row["warmup_batches"] == 2  # the first batch + the rest of the 2 workers' first round
     assert ("note" in row) is crosses
     if crosses:
         assert f"epoch of {per_epoch} batches" in row["note"] and "--images" in row["note"]
+    else:
+        assert row["batches"] == 4  # 3 wanted, rounded up to whole rounds of 2
+
+
+def test_loader_schedule_times_whole_worker_rounds() -> None:
+    """Run 3's torchvision row: 16 workers, 24 batches an epoch, 8 wanted. The old schedule timed the
+    last 8 batches, half a round, while 8 workers idled; now that epoch is flagged, and the GPU default
+    image count (two rounds + the first batch) gives a clean round of 16."""
+    warm, timed, note = tp.loader_schedule(24, 8, workers=16)
+    assert (warm, timed) == (15, 8) and "whole rounds of 16 workers" in note
+    opts = tp.Options(loader_workers=16).resolve(torch.device("cuda"))
+    assert opts.images == 256 * 33
+    assert tp.loader_schedule(opts.images // opts.batch, opts.loader_batches, 16) == (15, 16, "")
+    assert tp.loader_schedule(100, 20, 16) == (15, 32, "")  # rounded up to whole rounds
+    assert tp.loader_schedule(40, 40, 16) == (15, 16, "")  # fewer, but whole, rounds when short
+    assert tp.loader_schedule(64, 8) == (1, 8, "")  # thread pools: one warm-up batch
+    assert tp.loader_schedule(64, 8, warm_min=3) == (3, 8, "")  # graphed rows: two renders + capture
 
 
 def test_git_commit_can_be_named_by_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
