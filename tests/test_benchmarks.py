@@ -313,6 +313,16 @@ def test_loader_schedule_times_whole_worker_rounds() -> None:
     assert tp.loader_schedule(64, 8, warm_min=3) == (3, 8, "")  # graphed rows: two renders + capture
 
 
+def test_e2e_window_times_whole_worker_rounds() -> None:
+    """End to end, the torchvision run is timed from the end of its first round of worker batches over
+    whole rounds; other loaders leave out up to 5 warm-up steps."""
+    assert tp.e2e_window(30) == (5, 29)
+    assert tp.e2e_window(6) == (2, 5)
+    assert tp.e2e_window(33, workers=16) == (15, 31)  # 2 * 16 + 1 steps: one whole timed round
+    assert tp.e2e_window(48, workers=16) == (15, 47)
+    assert tp.e2e_window(20, workers=16) == (5, 19)  # too short for a round: the plain window
+
+
 def test_git_commit_can_be_named_by_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tree copied to a GPU machine may carry stale git metadata: FASTVPD_GIT_COMMIT wins."""
     monkeypatch.delenv("FASTVPD_GIT_COMMIT", raising=False)
