@@ -647,11 +647,12 @@ def loader_schedule(per_epoch: int, wanted: int, workers: int = 1, warm_min: int
     batch, so batches come in rounds of `workers`: a round's batches all arrive about one batch-build time
     after the previous round's. Timing part of a round charges the whole round's time to that part (run 3
     timed 8 batches of a 16-worker round and halved the torchvision baseline), and timing across the
-    epoch's end adds the idle restart. So: warm up to the end of the first round, time whole rounds (at
-    least `wanted` batches, fewer whole rounds if the epoch is short), and say so when not even one
-    round fits. Thread-pool loaders are `workers=1`. `note` is "" when the timing is clean.
+    epoch's end adds the idle restart. So: warm up for at least `warm_min` batches after the first, on to
+    the end of a round, time whole rounds (at least `wanted` batches, fewer whole rounds if the epoch is
+    short), and say so when not even one round fits. Thread-pool loaders are `workers=1`. `note` is ""
+    when the timing is clean.
     """
-    warm = max(warm_min, workers - 1)
+    warm = -(-(warm_min + 1) // workers) * workers - 1  # batch `warm` ends a round
     timed = -(-wanted // workers) * workers
     room = per_epoch - 1 - warm
     if timed <= room:
@@ -1354,14 +1355,12 @@ def e2e_window(n: int, workers: int = 1) -> tuple[int, int]:
     """(first, last): the timed span of an end-to-end run's n batch arrivals, from first to last.
 
     The first steps build kernels and capture the graph, so up to 5 are left out. With a DataLoader of
-    `workers` processes the span starts at the end of the first round of worker batches and covers whole
-    rounds (see `loader_schedule`); a run too short for one round keeps the plain window.
+    `workers` processes the span also starts at a round's end and covers whole rounds (`loader_schedule`,
+    the n batches as its epoch); a run too short for one round keeps the plain window.
     """
-    warm = min(5, n // 3)
-    if workers > 1 and n - workers >= workers:
-        first = workers - 1
-        return first, first + (n - 1 - first) // workers * workers
-    return warm, n - 1
+    warm_min = min(5, n // 3)
+    warm, timed, note = loader_schedule(n, n, workers, warm_min)
+    return (warm_min, n - 1) if note else (warm, warm + timed)
 
 
 def run_pretrain(

@@ -321,6 +321,7 @@ def test_e2e_window_times_whole_worker_rounds() -> None:
     assert tp.e2e_window(33, workers=16) == (15, 31)  # 2 * 16 + 1 steps: one whole timed round
     assert tp.e2e_window(48, workers=16) == (15, 47)
     assert tp.e2e_window(20, workers=16) == (5, 19)  # too short for a round: the plain window
+    assert tp.e2e_window(8, workers=2) == (3, 7)  # past the 2 warm-up steps, to the end of a round
 
 
 def test_git_commit_can_be_named_by_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
