@@ -57,8 +57,8 @@ RECIPE_IMAGES = 50_000
 RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
 LOADER_BACKENDS = (
-    "torchvision", "ffcv", "ffcv_once", "dali", "dali_fused", "cache", "cache_graphed", "cache_compiled",
-    "cache_compiled_pointwise", "ffcv_compiled",
+    "torchvision", "ffcv", "ffcv_once", "ffcv_triton", "dali", "dali_fused", "cache", "cache_graphed",
+    "cache_triton", "cache_compiled", "cache_compiled_pointwise", "ffcv_compiled",
 )  # fmt: skip
 # loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per sample
 # for both views (instead of once per view), dali with the fused instead of the exact colour jitter
@@ -71,14 +71,19 @@ LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # ... with the colour matrices and the blur spelled elementwise for Inductor (gpu_aug.COMPILED_FORM)
     "cache_compiled_pointwise": ("cache", {"compile_aug": "true"}),
     "ffcv_compiled": ("ffcv", {"compile_aug": "true"}),  # ffcv's device finishing ops torch.compiled
+    # the pixel work by fastvpd.data.triton_aug's kernels (cache: replayed from a CUDA graph, as in the step)
+    "cache_triton": ("cache", {"aug_kernel": "triton"}),
+    "ffcv_triton": ("ffcv", {"aug_kernel": "triton"}),
 }
 COMPILED_ROWS = ("cache_compiled", "cache_compiled_pointwise", "ffcv_compiled")  # need --compile
-GRAPHED_ROWS = ("cache_graphed", "cache_compiled", "cache_compiled_pointwise")
+GRAPHED_ROWS = ("cache_graphed", "cache_compiled", "cache_compiled_pointwise", "cache_triton")
+GPU_ROWS = (*GRAPHED_ROWS, *COMPILED_ROWS, "ffcv_triton")  # skipped without a CUDA GPU
 # end to end, `cache` renders the views inside the training step (its CUDA graph on a GPU, the default);
 # `cache_in_loader` renders them in the loader, as the loaders section's `cache` row times it
 E2E_BACKENDS = (
-    *(b for b in LOADER_BACKENDS if b not in GRAPHED_ROWS + COMPILED_ROWS),  # --compile compiles them all
+    *(b for b in LOADER_BACKENDS if b not in GPU_ROWS),  # --compile compiles them all
     "cache_in_loader",
+    "cache_triton",
 )
 
 
@@ -684,7 +689,7 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
     dtype = torch.bfloat16 if device.type == "cuda" and opts.amp == "bf16" else torch.float32
     spec = data_mod.moco_v2(opts.res)
     t0 = time.perf_counter()
-    if name in GRAPHED_ROWS + COMPILED_ROWS and device.type != "cuda":
+    if name in GPU_ROWS and device.type != "cuda":
         raise Skip(f"needs a CUDA GPU (on CPU it is the {backend} row)")
     loader = data_mod.build_loader(cfg, spec, "train", opts.batch, device, dtype, seed=0)
     if name in GRAPHED_ROWS:
@@ -1448,6 +1453,8 @@ def section_e2e(
                 rows.append(skipped(backend, "--quick runs the torchvision baseline and the fastest loader"))
                 continue
             why = _backend_available(backend)
+            if backend in GPU_ROWS and device.type != "cuda":
+                why = f"needs a CUDA GPU (on CPU it is the {_loader_variant(backend)[0]} row)"
             if why:
                 rows.append(skipped(backend, why))
                 continue
@@ -1472,7 +1479,8 @@ def section_e2e(
         f"{opts.e2e_steps} steps of {opts.batch} (torchvision: at least two rounds of its workers' "
         "batches, timed from the end of the first)",
         "cache: views rendered inside the training step (captured in its CUDA graph on a GPU); "
-        "cache_in_loader: rendered by the loader before the step",
+        "cache_in_loader: rendered by the loader before the step; cache_triton: cache with "
+        "data.aug_kernel=triton (the pixel work by fastvpd.data.triton_aug's kernels)",
     ]
     return {"rows": rows, "notes": notes}
 

@@ -43,6 +43,10 @@ class DataConfig:
     # cache and ffcv backends: torch.compile the fixed-shape pixel work of the augmentation (GPU; Inductor
     # fuses its elementwise chains; the first batches compile for a while). Training loader only.
     compile_aug: bool = False
+    # cache and ffcv backends on a GPU, the fixed-shape views' pixel work: torch (batched torch ops, fused
+    # by compile_aug) | triton (fastvpd.data.triton_aug: each pixel's whole chain in registers, 3-4 kernels
+    # per view; compile_aug then has no effect; needs a CUDA device)
+    aug_kernel: str = "torch"
 
 
 @dataclass
@@ -201,6 +205,7 @@ class LinearRun:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": ("cache", "ffcv", "dali", "torchvision"),
     "data.verify": ("fast", "full", "off"),
+    "data.aug_kernel": ("torch", "triton"),
     "aug.recipe": ("moco_v2", "supervised"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d"),
     "model.init": ("moco", "random"),

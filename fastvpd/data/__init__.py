@@ -243,6 +243,7 @@ def build_loader(
             split,
             pin_host=bool(getattr(data_cfg, "pin_host_cache", True)),
             compile_aug=bool(getattr(data_cfg, "compile_aug", False)) and train,
+            aug_kernel=str(getattr(data_cfg, "aug_kernel", "torch")),
             **common,
         )
     if backend == "ffcv":
@@ -250,7 +251,11 @@ def build_loader(
 
         decode = str(getattr(data_cfg, "ffcv_decode", "twice"))
         compile_aug = bool(getattr(data_cfg, "compile_aug", False)) and train
-        return FFCVLoader(manifest, split, workers=workers, decode=decode, compile_aug=compile_aug, **common)
+        kernel = str(getattr(data_cfg, "aug_kernel", "torch"))
+        return FFCVLoader(
+            manifest, split, workers=workers, decode=decode, compile_aug=compile_aug, aug_kernel=kernel,
+            **common,
+        )  # fmt: skip
     if backend == "dali":
         from fastvpd.data.dali import DALILoader
 

@@ -99,6 +99,7 @@ class CacheLoader(LoaderBase):
         pin_host: bool = True,
         placement: str = "auto",
         compile_aug: bool = False,
+        aug_kernel: str = "torch",
     ) -> None:
         pixels, meta = load_cache(manifest.path(split, "cache"))
         n = len(meta["offsets"])
@@ -140,7 +141,15 @@ class CacheLoader(LoaderBase):
             store = torch.empty((cap, 3), dtype=torch.uint8, device=dev)
             self._cap = cap
         self.aug = PixelAugmenter(
-            spec, store, self.offsets, self.heights, self.widths, dtype, self.gen, compile=compile_aug
+            spec,
+            store,
+            self.offsets,
+            self.heights,
+            self.widths,
+            dtype,
+            self.gen,
+            compile=compile_aug,
+            kernel=aug_kernel,
         )
         self.deferred = False  # defer_views(): batches carry indices + seed, the step renders the views
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fastvpd.config import UserError
-from fastvpd.data import Batch, LoaderBase, mix_seed, torch_threads_kept
+from fastvpd.data import Batch, LoaderBase, mix_seed, torch_threads_kept, triton_aug
 from fastvpd.data import gpu_aug as G
 from fastvpd.data.spec import AugSpec, ResizeCenterCrop, ViewSpec
 
@@ -213,6 +213,7 @@ class FFCVLoader(LoaderBase):
         workers: int = 0,
         decode: str = "twice",
         compile_aug: bool = False,
+        aug_kernel: str = "torch",
     ) -> None:
         _import_ffcv()
         from ffcv.fields.decoders import IntDecoder
@@ -314,6 +315,12 @@ class FFCVLoader(LoaderBase):
         # pixel work (the draws stay eager, so the pixels come from the same parameters)
         self._finish = torch.compile(finish_view, dynamic=False) if compile_aug else finish_view
         self._subset = False if compile_aug else None
+        # data.aug_kernel=triton: the fixed-shape views by triton_aug's kernels, read from FFCV's buffer
+        self._triton = aug_kernel == "triton"
+        if self._triton:
+            why = triton_aug.unavailable(dev)
+            if why:
+                raise UserError(why)
 
     def _images(self, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """uint8 [B, 3, R, R] channels-last views (NHWC memory), slices of the decoders' [B, V, R, R, 3]."""
@@ -326,7 +333,7 @@ class FFCVLoader(LoaderBase):
             named = dict(zip(self._names, out))
             images = self._images(named)
             self.gen.manual_seed(self.step_seed(self.start_step + k))
-            if G.cpu_kernel_ok(self.device, self.spec.views):
+            if not self._triton and G.cpu_kernel_ok(self.device, self.spec.views):
                 # CPU: one fused pass per sample (numba); draws as below. It copies out of FFCV's buffer.
                 params = [
                     G.sample_photometric(view, x.shape[0], self.gen, self.device)
@@ -348,6 +355,9 @@ class FFCVLoader(LoaderBase):
                     views.append(G.photometric(x, view, ph, mean=mean, std=std, dtype=self.dtype))
                     continue
                 ph = G.sample_photometric(view, images[vi].shape[0], self.gen, self.device)
+                if self._triton:
+                    views.append(triton_aug.render_images(images[vi], view, ph, mean, std, self.dtype))
+                    continue
                 views.append(
                     self._finish(images[vi], view, ph, mean, std, self.dtype, self._consts, self._subset)
                 )

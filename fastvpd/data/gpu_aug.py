@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastvpd.config import UserError
 from fastvpd.data.spec import ColorJitter, RandomResizedCrop, ResizeCenterCrop, ViewSpec
 
 RRC_TRIES = 10
@@ -716,9 +717,17 @@ class PixelAugmenter:
         dtype: torch.dtype,
         generator: torch.Generator | None,
         compile: bool = False,
+        kernel: str = "torch",
     ) -> None:
         self.spec = spec
         self._pixels_fn = torch.compile(render_pixels, dynamic=False) if compile else render_pixels
+        self.triton = kernel == "triton"  # the fixed-shape views by `triton_aug` (compile is then unused)
+        if self.triton:
+            from fastvpd.data import triton_aug
+
+            why = triton_aug.unavailable(pixels.device)
+            if why:
+                raise UserError(why)
         self.pixels, self.offsets, self.heights, self.widths = pixels, offsets, heights, widths
         self.dtype = dtype
         self.gen = generator
@@ -744,9 +753,9 @@ class PixelAugmenter:
         """
         outs: list[Tensor] = []
         b = base.shape[0]
-        if not fixed_shape and cpu_kernel_ok(pixels.device, self.spec.views):
+        if not fixed_shape and not self.triton and cpu_kernel_ok(pixels.device, self.spec.views):
             return self._render_cpu(pixels, base, H, W)
-        subset = pixels.device.type == "cpu" and not fixed_shape
+        subset = pixels.device.type == "cpu" and not fixed_shape and not self.triton
         k, rows = self._window
         window = k if pixels.shape[0] >= rows else None
         c = self._consts
@@ -755,6 +764,12 @@ class PixelAugmenter:
             for ys, xs in self._geometry(view, H, W):
                 if not subset and not view.autoaugment:
                     ph = sample_photometric(view, b, self.gen, self.device)
+                    if self.triton:
+                        from fastvpd.data import triton_aug
+
+                        args = (view, ph, mean, std, self.dtype)
+                        outs.append(triton_aug.render(pixels, base, W, ys, xs, *args))
+                        continue
                     outs.append(
                         self._pixels_fn(pixels, base, W, ys, xs, window, view, ph, mean, std, self.dtype, c)
                     )
@@ -1038,10 +1053,10 @@ def cpu_kernel_ok(device: torch.device, views: list[ViewSpec] | tuple[ViewSpec, 
     return CPU_KERNEL and device.type == "cpu" and not any(v.autoaugment for v in views)
 
 
-def identity_maps(b: int, res: int) -> tuple[AxisMap, AxisMap]:
+def identity_maps(b: int, res: int, device: torch.device | None = None) -> tuple[AxisMap, AxisMap]:
     """Axis maps that copy a res x res image unchanged (for batches already cropped, e.g. by FFCV)."""
-    i = torch.arange(res).expand(b, res).contiguous()
-    z = torch.zeros(b, res)
+    i = torch.arange(res, device=device).expand(b, res).contiguous()
+    z = torch.zeros(b, res, device=device)
     return AxisMap(i, i, z), AxisMap(i, i, z)
 
 

@@ -1,0 +1,168 @@
+"""The fixed-shape augmentation's pixel work as Triton kernels (`data.aug_kernel=triton`, GPU).
+
+Why: the batched torch form (`gpu_aug.photometric`) streams the whole batch through memory once per op:
+six colour-matrix blends, hue, two blur matmuls, a final colour matrix, each with its own pass, and
+torch.compile cannot fuse across them (each blend needs the whole image's mean first, and a blur needs
+its neighbours). On an H100 that was 15.3 ms of GPU time per two-view batch of 256 at 224 px, compiled.
+Here (kernels in `triton_kernels`) each pixel goes through the whole chain in registers, as the numba
+CPU kernel does it (`gpu_aug._render_rows`), with the sample's own op order:
+
+1. `colour` PHASE 0 (only when the view jitters): resample from the uint8 store, the jitter ops the
+   sample draws *before* its contrast, then the grey level, summed per block of pixels. Contrast is the
+   only op that needs a whole-image value (the mean grey of the image it sees), and this is that value.
+2. `colour` PHASE 1: resample, the whole jitter with that mean, grayscale; then normalise and cast to
+   the training dtype (no blur in the view), or the float32 planar image for the blur.
+3. `blur` twice (views with a blur): the separable Gaussian with torch's reflect padding, along H then
+   along W, the second pass normalising and casting. Samples not drawn for the blur copy their plane.
+
+Every op is torchvision's float32 formula, as in `gpu_aug` (tests/test_triton_aug.py checks the views
+against the torch form on the same draws). The launch shapes are fixed by the batch and the view, and
+nothing is read back to the host, so a CUDA graph captures the kernels with the training step. The
+block partial sums are added by torch in a fixed order, so the pixels are deterministic.
+
+Without a GPU they run only in Triton's interpreter (numpy, slow; for tests), which must be chosen
+before Triton is first imported: `TRITON_INTERPRET=1` in the environment of a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# pixels per program, and warps: 4 pixels a thread. Compiled for sm_90 (Triton 3.8's ptxas, no GPU needed)
+# the colour kernel takes 64 registers a thread at 8 warps, so 4 programs fit an SM (half occupancy); at
+# 4 warps it took 128. Not yet tuned on a GPU.
+BLOCK = 1024
+WARPS = 8
+
+_KERNELS: Any = None
+_ERROR = ""
+
+
+def unavailable(device: torch.device) -> str:
+    """'' when the kernels can render tensors on `device`, else why not (one line)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            f"data.aug_kernel=triton needs a CUDA device (this run's is {device.type}): use "
+            "data.aug_kernel=torch (TRITON_INTERPRET=1 runs the kernels in Triton's slow interpreter, "
+            "for tests)"
+        )
+    load()
+    return _ERROR
+
+
+def load() -> Any:
+    """The kernels (a namespace), built on first use: compiled for the GPU, or interpreted without one."""
+    global _KERNELS, _ERROR
+    if _KERNELS is not None or _ERROR:
+        return _KERNELS
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        _ERROR = (
+            "data.aug_kernel=triton needs a CUDA GPU: use data.aug_kernel=torch here "
+            "(TRITON_INTERPRET=1 runs the kernels in Triton's slow interpreter, for tests)"
+        )
+        return None
+    try:
+        from fastvpd.data import triton_kernels
+    except Exception as e:  # noqa: BLE001 - any import failure means no Triton here
+        _ERROR = f"data.aug_kernel=triton needs the triton package ({type(e).__name__}: {e})"
+        return None
+    _KERNELS = triton_kernels
+    return _KERNELS
+
+
+def render(  # noqa: PLR0913
+    pixels: Tensor,
+    base: Tensor,
+    width: Tensor,
+    ys: Any,
+    xs: Any,
+    view: Any,
+    p: Any,
+    mean: Tensor,
+    std: Tensor,
+    dtype: torch.dtype,
+) -> Tensor:
+    """One view, as `gpu_aug.render_pixels` gives it (channels-last `dtype` [B, 3, R, R]), by the kernels.
+
+    pixels uint8 [P, 3] (a store, or a batch of HWC images seen as one); base/width [B]; ys/xs the
+    view's `gpu_aug.AxisMap`s; p its `gpu_aug.Photometric` draws; mean/std [3] on the same device.
+    """
+    k = load()
+    if k is None:
+        raise RuntimeError(_ERROR)
+    from fastvpd.data.gpu_aug import gaussian_kernels
+
+    b, res = base.shape[0], ys.i0.shape[1]
+    dev = pixels.device
+    nblk = -(-res * res // BLOCK)
+    out = torch.empty((b, res, res, 3), dtype=dtype, device=dev)
+    inv = (1.0 / std).float().contiguous()
+    mean = mean.float().contiguous()
+    jitter = p.jitter_on is not None
+    gray = p.gray_on is not None
+    blur = p.blur_on is not None and view.blur is not None
+    dummy = inv  # a pointer for arguments a specialisation never reads
+    if jitter:
+        jit_on = p.jitter_on.to(torch.int32)
+        factors = p.factors.float().contiguous()
+        order = p.order.to(torch.int32).contiguous()
+        cpos = (order == 1).to(torch.int32).argmax(dim=1).to(torch.int32)
+    else:
+        jit_on = factors = order = cpos = dummy
+    gray_on = p.gray_on.to(torch.int32) if gray else dummy
+    maps = (
+        pixels.contiguous(),
+        base.contiguous(),
+        width.to(torch.int64).contiguous(),
+        ys.i0.contiguous(),
+        ys.i1.contiguous(),
+        ys.frac.float().contiguous(),
+        xs.i0.contiguous(),
+        xs.i1.contiguous(),
+        xs.frac.float().contiguous(),
+    )
+    grid = (b, nblk)
+    cmean = dummy
+    if jitter:
+        part = torch.empty((b, nblk), dtype=torch.float32, device=dev)
+        k.colour[grid](
+            *maps, jit_on, factors, order, cpos, gray_on, dummy, part, dummy, mean, inv,
+            R=res, NBLK=nblk, BLOCK=BLOCK, PHASE=0, JITTER=True, GRAY=False, FINAL=False, num_warps=WARPS,
+        )  # fmt: skip
+        cmean = part.sum(dim=1).div_(res * res)
+    planes = torch.empty((b, 3, res, res), dtype=torch.float32, device=dev) if blur else out
+    k.colour[grid](
+        *maps, jit_on, factors, order, cpos, gray_on, cmean, dummy, planes, mean, inv,
+        R=res, NBLK=nblk, BLOCK=BLOCK, PHASE=1, JITTER=jitter, GRAY=gray, FINAL=not blur, num_warps=WARPS,
+    )  # fmt: skip
+    if blur:
+        taps = view.blur.kernel_size(res)
+        ker = gaussian_kernels(p.sigma, taps).contiguous()
+        blur_on = p.blur_on.to(torch.int32)
+        mid = torch.empty_like(planes)
+        pgrid = (b * 3, nblk)
+        along_h = dict(R=res, BLOCK=BLOCK, ALONG_W=False, FINAL=False, num_warps=WARPS)
+        k.blur[pgrid](planes, mid, ker, blur_on, taps, mean, inv, **along_h)
+        k.blur[pgrid](mid, out, ker, blur_on, taps, mean, inv, **{**along_h, "ALONG_W": True, "FINAL": True})
+    return out.permute(0, 3, 1, 2)
+
+
+def render_images(x: Tensor, view: Any, p: Any, mean: Tensor, std: Tensor, dtype: torch.dtype) -> Tensor:
+    """Already-cropped uint8 views [B, 3, R, R] with NHWC memory (FFCV's decoder slots) finished by the
+    kernels: `render` with identity axis maps, reading each sample where it lies (no copy first)."""
+    from fastvpd.data.gpu_aug import identity_maps
+
+    b, res = x.shape[0], x.shape[-1]
+    hwc = x.permute(0, 2, 3, 1)
+    if hwc.stride()[1:] != (res * 3, 3, 1) or hwc.stride(0) % 3 or hwc.storage_offset() % 3:
+        hwc = hwc.contiguous()
+    # the storage as [P, 3] pixels (a view): sample i starts at pixel base[i]
+    pixels = hwc.as_strided((hwc.untyped_storage().nbytes() // 3, 3), (3, 1), 0)
+    base = torch.arange(b, device=x.device) * (hwc.stride(0) // 3) + hwc.storage_offset() // 3
+    ys, xs = identity_maps(b, res, x.device)
+    width = torch.full((b,), res, dtype=torch.int64, device=x.device)
+    return render(pixels, base, width, ys, xs, view, p, mean, std, dtype)
