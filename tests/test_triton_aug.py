@@ -79,15 +79,43 @@ got = T.render_images(x, always, ph, mean, std, torch.float32)
 want = G.photometric(x.float() / 255.0, always, ph, False, mean, std, torch.float32)
 cl = got.is_contiguous(memory_format=torch.channels_last)
 out["ffcv_images"] = {"diff": diff([got], [want]), "layout": cl, "shapes": got.shape == want.shape}
+
+# the loaders' wiring (data.aug_kernel through build_loader): first batches, triton against torch
+if len(sys.argv) > 1:
+    from fastvpd.config import DataConfig
+    from fastvpd.data import build_loader
+
+    backends = ["cache"]
+    try:
+        import ffcv  # noqa: F401
+        backends.append("ffcv")
+    except ImportError:
+        pass
+    for backend in backends:
+        batches = []
+        for kernel in ("torch", "triton"):
+            cfg = DataConfig(root=sys.argv[1], backend=backend, aug_kernel=kernel, workers=1, verify="off")
+            loader = build_loader(cfg, moco_v2(32), "train", 16, "cpu", torch.float32, seed=3)
+            loader.set_epoch(1)
+            batches.append(next(iter(loader)))
+            getattr(loader, "close", lambda: None)()
+        a, b = batches
+        same = torch.equal(a.indices, b.indices) and len(a.views) == len(b.views) == 2
+        out[f"loader_{backend}"] = {"diff": diff(a.views, b.views), "layout": same, "shapes": same}
 print("RESULT " + json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict:
+def interpreted(digits_converted: Path) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run(
-        [sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", CHILD, str(digits_converted)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert p.returncode == 0 and line, p.stderr[-3000:]
@@ -104,12 +132,16 @@ def interpreted() -> dict:
         ("eval_ten_crop", 2e-5),
         ("ffcv_images", 2e-5),
         ("moco_v2_bf16", 0.02),  # one bf16 ulp of the normalised values (|x| < 4) at most
+        ("loader_cache", 2e-5),  # against the numba CPU kernel: same draws, same formulas
+        ("loader_ffcv", 2e-5),
     ],
 )
 def test_triton_views_equal_the_torch_form(interpreted: dict, case: str, tol: float) -> None:
     """Resample, jitter in each sample's order (contrast from the one-reduction mean), grayscale, blur
     (reflect padding past one bounce included), normalise and cast: the torch form's values, layout and
-    dtype, for the cache form, ten-crop eval and FFCV's uint8 crops."""
+    dtype, for the cache form, ten-crop eval and FFCV's uint8 crops, and through both loaders."""
+    if case not in interpreted:
+        pytest.skip(f"{case}: ffcv is not installed")
     r = interpreted[case]
     assert r["layout"] and r["shapes"], r
     assert r["diff"] <= tol, r
