@@ -25,6 +25,23 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
             item.add_marker(skip)
 
 
+@pytest.fixture
+def replay_views():  # type: ignore[no-untyped-def]
+    """replay(deferred, step, batch, strict): seed a deferred cache loader's generator on the host for
+    `batch`, then run the captured `step` on its indices; with `strict`, a host sync inside is an error."""
+
+    def replay(deferred, step, batch, strict: bool):  # type: ignore[no-untyped-def]
+        if strict:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            deferred.seed_views(batch)
+            return step(batch.indices)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return replay
+
+
 @pytest.fixture(scope="session")
 def digits_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ImageFolder tree of the scikit-learn digits: train/ val/ (50 per class) and test/ (the rest)."""
