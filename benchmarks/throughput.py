@@ -800,7 +800,12 @@ def section_loaders(opts: Options, device: torch.device) -> dict[str, Any]:
     from benchmarks.decode import section_decode  # here: benchmarks.decode imports this module
 
     decode = section_decode(root, opts, device)  # JPEG decode alone, same files (never raises)
-    return {"rows": rows, "data_root": str(root), "notes": notes, "decode": decode}
+    out = {"rows": rows, "data_root": str(root), "notes": notes, "decode": decode}
+    if "cache_triton" in opts.loader_backends and device.type == "cuda":
+        from benchmarks.aug_tune import section_triton_tuning  # imports this module too
+
+        out["triton_tuning"] = section_triton_tuning(root, opts, device)  # never raises
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -989,6 +994,16 @@ DECODE_COLUMNS: tuple[Column, ...] = (
     ("ms/batch", "ms_per_batch", ".1f"),
 )
 
+# ... and results["loaders"]["triton_tuning"] (benchmarks/aug_tune.py)
+TUNING_TITLE = "Triton augmentation launch shapes: GPU time per two-view batch"
+TUNING_COLUMNS: tuple[Column, ...] = (
+    ("pixels per program x warps", "name", "s"),
+    ("GPU ms/batch", "device_ms_per_batch", ".2f"),
+    ("Triton kernels ms", "triton_ms_per_batch", ".2f"),
+    ("samples/s", "samples_s", ".0f"),
+)
+SUBTABLES = (("decode", DECODE_TITLE, DECODE_COLUMNS), ("triton_tuning", TUNING_TITLE, TUNING_COLUMNS))
+
 PROFILE_TITLE = "Where the step's time goes: top ops by self time"
 PROFILE_COLUMNS: tuple[Column, ...] = (
     ("op (GPU: kernel)", "name", "s"),
@@ -1121,13 +1136,15 @@ def render_text(results: dict[str, Any]) -> str:
         out += ["  " + n for n in _notes(sec)]
         for title, top in _top_tables(sec):
             out += ["", title, text_table(top, PROFILE_COLUMNS)]
-        dec = sec.get("decode")
-        if dec:
-            out += ["", DECODE_TITLE]
+        for sub_key, sub_title, sub_cols in SUBTABLES:
+            dec = sec.get(sub_key)
+            if not dec:
+                continue
+            out += ["", sub_title]
             if dec.get("status", "ok") != "ok":
                 out.append(f"  {dec.get('status')}: {dec.get('reason', '')}")
             else:
-                out += [text_table(dec.get("rows", []), DECODE_COLUMNS), *("  " + n for n in _notes(dec))]
+                out += [text_table(dec.get("rows", []), sub_cols), *("  " + n for n in _notes(dec))]
     proj = _projection_lines(results.get("projection", {}))
     if proj:
         out += ["", "Projection: full recipe (800 pretrain + 100 distill epochs)", *("  " + p for p in proj)]
@@ -1153,13 +1170,15 @@ def render_markdown(results: dict[str, Any]) -> str:
             out += ["", *("- " + n for n in notes)]
         for title, top in _top_tables(sec):
             out += ["", f"### {title}", "", md_table(top, PROFILE_COLUMNS)]
-        dec = sec.get("decode")
-        if dec:
-            out += ["", f"### {DECODE_TITLE}", ""]
+        for sub_key, sub_title, sub_cols in SUBTABLES:
+            dec = sec.get(sub_key)
+            if not dec:
+                continue
+            out += ["", f"### {sub_title}", ""]
             if dec.get("status", "ok") != "ok":
                 out.append(f"{dec.get('status')}: {dec.get('reason', '')}")
             else:
-                out += [md_table(dec.get("rows", []), DECODE_COLUMNS), "", *("- " + n for n in _notes(dec))]
+                out += [md_table(dec.get("rows", []), sub_cols), "", *("- " + n for n in _notes(dec))]
     proj = _projection_lines(results.get("projection", {}))
     if proj:
         out += ["", "## Projection: full recipe", "", *("- " + p for p in proj)]

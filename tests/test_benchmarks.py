@@ -378,3 +378,28 @@ def test_compiled_form_is_set_for_one_row_and_restored() -> None:
 def test_no_distill_flag() -> None:
     assert tp.parse_args([])[0].distill and not tp.parse_args(["--no-distill"])[0].distill
     assert tp.parse_args(["--compile", "--inductor-variants"])[0].inductor_variants
+
+
+def test_triton_tuning_table_skips_on_cpu_renders_and_restores_the_launch_shape() -> None:
+    """benchmarks/aug_tune.py: a skipped section without a GPU, the table in both reports, and
+    triton_aug.BLOCK/WARPS back to their defaults after a timed shape (even when it raises)."""
+    from benchmarks import aug_tune
+    from fastvpd.data import triton_aug
+
+    opts = tp.Options(batch=4, res=32)
+    out = aug_tune.section_triton_tuning(Path("nowhere"), opts, torch.device("cpu"))
+    assert out["status"] == "skipped" and "CUDA" in out["reason"]
+    before = (triton_aug.BLOCK, triton_aug.WARPS)
+    with pytest.raises(RuntimeError), aug_tune.launch_shape(256, 4):
+        assert (triton_aug.BLOCK, triton_aug.WARPS) == (256, 4)
+        raise RuntimeError("boom")
+    assert (triton_aug.BLOCK, triton_aug.WARPS) == before
+    rows = [
+        {"name": "256 px x 4 warps", "device_ms_per_batch": 1.25, "triton_ms_per_batch": 0.75},
+        {"name": "1024 px x 8 warps (default)", "device_ms_per_batch": 1.5, "triton_ms_per_batch": 1.0},
+    ]
+    rows[0]["samples_s"] = 204800.0
+    res = {"meta": {}, "loaders": {"rows": [], "notes": [], "triton_tuning": {"rows": rows, "notes": ["n1"]}}}
+    text, md = tp.render_text(res), tp.render_markdown(res)
+    assert tp.TUNING_TITLE in text and "n1" in text and "204800" in text
+    assert f"### {tp.TUNING_TITLE}" in md and "| 256 px x 4 warps | 1.25 | 0.75 | 204800 |" in md

@@ -68,6 +68,11 @@ for name, (spec, dtype) in cases.items():
     ok = all(v.dtype == dtype and v.is_contiguous(memory_format=torch.channels_last) for v in tv)
     same = [list(v.shape) for v in tv] == [list(v.shape) for v in ref]
     out[name] = {"diff": diff(tv, ref), "layout": ok, "shapes": same}
+# another launch shape (benchmarks/aug_tune.py times several): 256-pixel programs, 5 per 33x33 image
+T.BLOCK, T.WARPS = 256, 4
+tv, ref = views(moco_v2(33), "triton", torch.float32, 8), views(moco_v2(33), "torch", torch.float32, 8)
+out["block_256"] = {"diff": diff(tv, ref), "layout": True, "shapes": True}
+T.BLOCK, T.WARPS = 1024, 8
 
 # FFCV's form: uint8 crops, one slot of a [B, V, R, R, 3] buffer, finished in place
 spec = AugSpec("t", (always,))
@@ -128,6 +133,7 @@ def interpreted(digits_converted: Path) -> dict:
     [
         ("moco_v2_24", 2e-5),
         ("moco_v2_33", 2e-5),
+        ("block_256", 2e-5),
         ("all_ops", 2e-5),
         ("long_blur", 2e-5),
         ("eval_ten_crop", 2e-5),
