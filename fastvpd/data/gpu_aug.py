@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from fastvpd.config import UserError
+from fastvpd.data import triton_aug
 from fastvpd.data.spec import ColorJitter, RandomResizedCrop, ResizeCenterCrop, ViewSpec
 
 RRC_TRIES = 10
@@ -723,8 +724,6 @@ class PixelAugmenter:
         self._pixels_fn = torch.compile(render_pixels, dynamic=False) if compile else render_pixels
         self.triton = kernel == "triton"  # the fixed-shape views by `triton_aug` (compile is then unused)
         if self.triton:
-            from fastvpd.data import triton_aug
-
             why = triton_aug.unavailable(pixels.device)
             if why:
                 raise UserError(why)
@@ -765,8 +764,6 @@ class PixelAugmenter:
                 if not subset and not view.autoaugment:
                     ph = sample_photometric(view, b, self.gen, self.device)
                     if self.triton:
-                        from fastvpd.data import triton_aug
-
                         args = (view, ph, mean, std, self.dtype)
                         outs.append(triton_aug.render(pixels, base, W, ys, xs, *args))
                         continue
