@@ -2,7 +2,7 @@
 timed for several (pixels per program, warps) pairs, so one GPU call can pick `triton_aug.BLOCK/WARPS`.
 
 Why: compiled for sm_90 on a CPU, the colour kernel takes 128 registers a thread at 1024 pixels and 4
-warps, 64 at 8 warps, 40 at 256 pixels and 4 warps; which occupancy feeds its scattered uint8 loads and
+warps, 76 at 8 warps, 40 at 256 pixels and 4 warps; which occupancy feeds its scattered uint8 loads and
 the blur's taps best is a GPU question. Each row renders the same two-view batch from the cache loader's
 device store, as the training step does (draws included), and reports the GPU kernel time per batch
 (torch.profiler CUDA activity: no launch gaps, which a CUDA graph removes in training) and the part

@@ -167,6 +167,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
 
     ptr = {"fy": "*fp32", "fx": "*fp32", "factors": "*fp32", "cmean": "*fp32", "part": "*fp32"}
     ptr |= {"pix": "*u8", "mean": "*fp32", "inv": "*fp32", "src": "*fp32", "kern": "*fp32", "K": "i32"}
+    ptr |= {"planes": "*fp32"}
     ptr |= {k: "*i32" for k in ("jit_on", "order", "cpos", "gray_on", "blur_on")}
 
     def build(fn: Any, consts: dict, out: str) -> None:
@@ -185,7 +186,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
         )
         for jitter, gray, final in itertools.product((True, False), repeat=3):
             consts = dict(R=res, NBLK=nblk, BLOCK=blk, PHASE=1, JITTER=jitter, GRAY=gray, FINAL=final)
-            build(K.colour, consts, "*bf16" if final else "*fp32")
+            build(K.colour, consts, "*bf16")
         for along_w in (False, True):
             build(
                 K.blur,

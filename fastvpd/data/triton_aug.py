@@ -11,9 +11,11 @@ CPU kernel does it (`gpu_aug._render_rows`), with the sample's own op order:
    sample draws *before* its contrast, then the grey level, summed per block of pixels. Contrast is the
    only op that needs a whole-image value (the mean grey of the image it sees), and this is that value.
 2. `colour` PHASE 1: resample, the whole jitter with that mean, grayscale; then normalise and cast to
-   the training dtype (no blur in the view), or the float32 planar image for the blur.
+   the training dtype (no blur in the view, or the sample not drawn for it), or the float32 planar
+   image for the blur.
 3. `blur` twice (views with a blur): the separable Gaussian with torch's reflect padding, along H then
-   along W, the second pass normalising and casting. Samples not drawn for the blur copy their plane.
+   along W, the second pass normalising and casting. Samples not drawn for the blur skip it: `colour`
+   finished them (their planes are never written, and the blur's programs for them do nothing).
 
 Every op is torchvision's float32 formula, as in `gpu_aug` (tests/test_triton_aug.py checks the views
 against the torch form on the same draws). The launch shapes are fixed by the batch and the view, and
@@ -33,8 +35,8 @@ import torch
 from torch import Tensor
 
 # pixels per program, and warps: 4 pixels a thread. Compiled for sm_90 (Triton 3.8's ptxas, no GPU needed)
-# the colour kernel takes 64 registers a thread at 8 warps, so 4 programs fit an SM (half occupancy); at
-# 4 warps it took 128. Not yet tuned on a GPU.
+# the colour kernel takes 76 registers a thread at 8 warps, so 3 programs fit an SM; at 4 warps it takes
+# 128. Not yet tuned on a GPU: benchmarks/aug_tune.py times the alternatives.
 BLOCK = 1024
 WARPS = 8
 
@@ -130,19 +132,20 @@ def render(  # noqa: PLR0913
     if jitter:
         part = torch.empty((b, nblk), dtype=torch.float32, device=dev)
         k.colour[grid](
-            *maps, jit_on, factors, order, cpos, gray_on, dummy, part, dummy, mean, inv,
+            *maps, jit_on, factors, order, cpos, gray_on, dummy, dummy, part, dummy, dummy, mean, inv,
             R=res, NBLK=nblk, BLOCK=BLOCK, PHASE=0, JITTER=True, GRAY=False, FINAL=False, num_warps=WARPS,
         )  # fmt: skip
         cmean = part.sum(dim=1).div_(res * res)
-    planes = torch.empty((b, 3, res, res), dtype=torch.float32, device=dev) if blur else out
+    # with a blur, the samples drawn for it go through float32 planes; the others are finished here
+    planes = torch.empty((b, 3, res, res), dtype=torch.float32, device=dev) if blur else dummy
+    blur_on = p.blur_on.to(torch.int32) if blur else dummy
     k.colour[grid](
-        *maps, jit_on, factors, order, cpos, gray_on, cmean, dummy, planes, mean, inv,
+        *maps, jit_on, factors, order, cpos, gray_on, blur_on, cmean, dummy, out, planes, mean, inv,
         R=res, NBLK=nblk, BLOCK=BLOCK, PHASE=1, JITTER=jitter, GRAY=gray, FINAL=not blur, num_warps=WARPS,
     )  # fmt: skip
     if blur:
         taps = view.blur.kernel_size(res)
         ker = gaussian_kernels(p.sigma, taps).contiguous()
-        blur_on = p.blur_on.to(torch.int32)
         mid = torch.empty_like(planes)
         pgrid = (b * 3, nblk)
         along_h = dict(R=res, BLOCK=BLOCK, ALONG_W=False, FINAL=False, num_warps=WARPS)

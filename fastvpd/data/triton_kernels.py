@@ -68,6 +68,19 @@ def _sample(pix, r0, r1, x0, x1, a0, a1, wy, big, c, ok):
 
 
 @triton.jit
+def _store_final(out, sb, offs, r, g, b, mean, inv, R: tl.constexpr, ok):
+    """Normalise and cast on store to `out`'s dtype: NHWC memory, the channels-last view."""
+    o = out + (sb * R * R + offs) * 3
+    ty = out.dtype.element_ty
+    i0 = tl.load(inv)
+    i1 = tl.load(inv + 1)
+    i2 = tl.load(inv + 2)
+    tl.store(o, (r * i0 - tl.load(mean) * i0).to(ty), mask=ok)
+    tl.store(o + 1, (g * i1 - tl.load(mean + 1) * i1).to(ty), mask=ok)
+    tl.store(o + 2, (b * i2 - tl.load(mean + 2) * i2).to(ty), mask=ok)
+
+
+@triton.jit
 def colour(
     pix,
     base,
@@ -83,9 +96,11 @@ def colour(
     order,
     cpos,
     gray_on,
+    blur_on,
     cmean,
     part,
     out,
+    planes,
     mean,
     inv,
     R: tl.constexpr,
@@ -97,7 +112,9 @@ def colour(
     FINAL: tl.constexpr,
 ):
     """Resample + jitter (+ grey). PHASE 0: per-block sums of the grey level just before each sample's
-    contrast (into part [B, NBLK]); PHASE 1: the pixels, with cmean [B] the contrast's mean grey."""
+    contrast (into part [B, NBLK]); PHASE 1: the pixels, with cmean [B] the contrast's mean grey, stored
+    normalised into `out` (FINAL, or a sample not drawn for the blur) or as float32 planar [B, 3, R, R]
+    `planes` for the blur kernel."""
     sb = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -154,20 +171,15 @@ def colour(
                 r = _gray(r, g, b)
                 g = r
                 b = r
-        if FINAL:  # normalise, cast on store: NHWC memory, the channels-last view
-            o = out + (sb * R * R + offs) * 3
-            ty = out.dtype.element_ty
-            i0 = tl.load(inv)
-            i1 = tl.load(inv + 1)
-            i2 = tl.load(inv + 2)
-            tl.store(o, (r * i0 - tl.load(mean) * i0).to(ty), mask=ok)
-            tl.store(o + 1, (g * i1 - tl.load(mean + 1) * i1).to(ty), mask=ok)
-            tl.store(o + 2, (b * i2 - tl.load(mean + 2) * i2).to(ty), mask=ok)
-        else:  # float32 planar [B, 3, R, R] for the blur
-            o = out + sb * 3 * R * R + offs
+        if FINAL:
+            _store_final(out, sb, offs, r, g, b, mean, inv, R, ok)
+        elif tl.load(blur_on + sb) != 0:  # for the blur: float32 planar [B, 3, R, R]
+            o = planes + sb * 3 * R * R + offs
             tl.store(o, r, mask=ok)
             tl.store(o + R * R, g, mask=ok)
             tl.store(o + 2 * R * R, b, mask=ok)
+        else:  # not drawn for the blur: done here, and the blur kernels skip the sample
+            _store_final(out, sb, offs, r, g, b, mean, inv, R, ok)
 
 
 @triton.jit
@@ -185,7 +197,8 @@ def blur(
     FINAL: tl.constexpr,
 ):
     """One separable pass of the blur over float32 planes (program axis 0: sample * 3 + channel), with
-    torch's reflect padding (periodic beyond one bounce). FINAL also normalises and writes NHWC `dst`."""
+    torch's reflect padding (periodic beyond one bounce), for the samples drawn for it (the others were
+    finished by `colour`). FINAL also normalises and writes NHWC `dst`."""
     plane = tl.program_id(0)
     sb = plane // 3
     c = plane % 3
@@ -194,7 +207,6 @@ def blur(
     oy = offs // R
     ox = offs % R
     p = src + plane * R * R
-    acc = tl.load(p + offs, mask=ok, other=0.0)
     if tl.load(blur_on + sb) != 0:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         half = K // 2
@@ -214,9 +226,9 @@ def blur(
             else:
                 v = tl.load(p + s * R + ox, mask=ok, other=0.0)
             acc += tl.load(kern + sb * K + t) * v
-    if FINAL:
-        iv = tl.load(inv + c)
-        y = acc * iv - tl.load(mean + c) * iv
-        tl.store(dst + (sb * R * R + offs) * 3 + c, y.to(dst.dtype.element_ty), mask=ok)
-    else:
-        tl.store(dst + plane * R * R + offs, acc, mask=ok)
+        if FINAL:
+            iv = tl.load(inv + c)
+            y = acc * iv - tl.load(mean + c) * iv
+            tl.store(dst + (sb * R * R + offs) * 3 + c, y.to(dst.dtype.element_ty), mask=ok)
+        else:
+            tl.store(dst + plane * R * R + offs, acc, mask=ok)
