@@ -1050,11 +1050,22 @@ def cpu_kernel_ok(device: torch.device, views: list[ViewSpec] | tuple[ViewSpec, 
     return CPU_KERNEL and device.type == "cpu" and not any(v.autoaugment for v in views)
 
 
-def identity_maps(b: int, res: int, device: torch.device | None = None) -> tuple[AxisMap, AxisMap]:
-    """Axis maps that copy a res x res image unchanged (for batches already cropped, e.g. by FFCV)."""
-    i = torch.arange(res, device=device).expand(b, res).contiguous()
-    z = torch.zeros(b, res, device=device)
-    return AxisMap(i, i, z), AxisMap(i, i, z)
+def images_as_store(x: Tensor) -> tuple[Tensor, Tensor, Tensor, AxisMap, AxisMap]:
+    """Already-cropped uint8 views [B, 3, R, R] with NHWC memory seen as a pixel store, without a copy
+    when each sample is one dense HWC image (the batch stride is free: a view slot of FFCV's
+    [B, V, R, R, 3] buffer): (pixels [P, 3], base [B], width [B], ys, xs), where sample i starts at
+    pixel base[i] and the axis maps copy each R x R image unchanged. The renderers then read in place."""
+    b, res = x.shape[0], x.shape[-1]
+    hwc = x.permute(0, 2, 3, 1)
+    if hwc.stride()[1:] != (res * 3, 3, 1) or hwc.stride(0) % 3 or hwc.storage_offset() % 3:
+        hwc = hwc.contiguous()
+    pixels = hwc.as_strided((hwc.untyped_storage().nbytes() // 3, 3), (3, 1), 0)  # the whole storage
+    base = torch.arange(b, dtype=torch.int64, device=x.device) * (hwc.stride(0) // 3)
+    base += hwc.storage_offset() // 3
+    i = torch.arange(res, device=x.device).expand(b, res).contiguous()
+    z = torch.zeros(b, res, device=x.device)
+    width = torch.full((b,), res, dtype=torch.int64, device=x.device)
+    return pixels, base, width, AxisMap(i, i, z), AxisMap(i, i, z)
 
 
 def render_cpu_images(
@@ -1068,17 +1079,7 @@ def render_cpu_images(
     """
     outs = []
     for x, view, ph, (mean, std) in zip(images, views, params, norms):
-        b, res = x.shape[0], x.shape[-1]
-        hwc = x.permute(0, 2, 3, 1)
-        sb, off = hwc.stride(0), hwc.storage_offset()
-        if hwc.stride()[1:] != (res * 3, 3, 1) or sb % 3 or off % 3:
-            hwc = hwc.contiguous()
-            sb, off = hwc.stride(0), hwc.storage_offset()
-        # the whole storage seen as [P, 3] pixels; sample i starts at pixel base[i]
-        pixels = hwc.as_strided((hwc.untyped_storage().nbytes() // 3, 3), (3, 1), 0)
-        base = torch.arange(b, dtype=torch.int64) * (sb // 3) + off // 3
-        ys, xs = identity_maps(b, res)
-        width = torch.full((b,), res, dtype=torch.int64)
+        pixels, base, width, ys, xs = images_as_store(x)
         outs += render_cpu(pixels, base, width, [CPUView(ys, xs, view, ph, mean, std)], dtype)
     return outs
 

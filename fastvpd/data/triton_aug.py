@@ -156,16 +156,8 @@ def render(  # noqa: PLR0913
 
 def render_images(x: Tensor, view: Any, p: Any, mean: Tensor, std: Tensor, dtype: torch.dtype) -> Tensor:
     """Already-cropped uint8 views [B, 3, R, R] with NHWC memory (FFCV's decoder slots) finished by the
-    kernels: `render` with identity axis maps, reading each sample where it lies (no copy first)."""
-    from fastvpd.data.gpu_aug import identity_maps
+    kernels: `render` over `gpu_aug.images_as_store`, reading each sample where it lies (no copy first)."""
+    from fastvpd.data.gpu_aug import images_as_store
 
-    b, res = x.shape[0], x.shape[-1]
-    hwc = x.permute(0, 2, 3, 1)
-    if hwc.stride()[1:] != (res * 3, 3, 1) or hwc.stride(0) % 3 or hwc.storage_offset() % 3:
-        hwc = hwc.contiguous()
-    # the storage as [P, 3] pixels (a view): sample i starts at pixel base[i]
-    pixels = hwc.as_strided((hwc.untyped_storage().nbytes() // 3, 3), (3, 1), 0)
-    base = torch.arange(b, device=x.device) * (hwc.stride(0) // 3) + hwc.storage_offset() // 3
-    ys, xs = identity_maps(b, res, x.device)
-    width = torch.full((b,), res, dtype=torch.int64, device=x.device)
+    pixels, base, width, ys, xs = images_as_store(x)
     return render(pixels, base, width, ys, xs, view, p, mean, std, dtype)
