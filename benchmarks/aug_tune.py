@@ -13,45 +13,31 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.throughput import Options, _first_line, _self_us, log, sync
+from benchmarks.throughput import Options, _first_line, _self_us, device_events, log, patched
 
 TUNING = ((256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8))  # (pixels per program, warps)
 KERNELS = ("colour", "blur")  # triton_kernels' launch names, as the profiler lists them
 REPS = 5
 
 
-@contextmanager
-def launch_shape(block: int, warps: int) -> Iterator[None]:
+def launch_shape(block: int, warps: int) -> AbstractContextManager[None]:
     """triton_aug's launch shape set inside, restored after."""
     from fastvpd.data import triton_aug
 
-    prev = triton_aug.BLOCK, triton_aug.WARPS
-    triton_aug.BLOCK, triton_aug.WARPS = block, warps
-    try:
-        yield
-    finally:
-        triton_aug.BLOCK, triton_aug.WARPS = prev
+    return patched(triton_aug, BLOCK=block, WARPS=warps)
 
 
 def kernel_ms(render: Callable[[], Any], device: torch.device, reps: int = REPS) -> tuple[float, float]:
     """(all GPU kernels, the Triton kernels alone) in ms per call of `render`, after one untimed call
     (which compiles a new launch shape)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    render()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            render()
-        sync(device)
-    events = prof.key_averages()
+    events = device_events(render, device, reps)
     total = sum(_self_us(e, on_device=True) for e in events)
     ours = sum(_self_us(e, on_device=True) for e in events if str(e.key).startswith(KERNELS))
     return total / 1000.0 / reps, ours / 1000.0 / reps

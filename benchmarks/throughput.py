@@ -585,6 +585,20 @@ def prepare_data(opts: Options) -> Path:
     return out
 
 
+def device_events(call: Callable[[], Any], device: torch.device, reps: int) -> Any:
+    """torch.profiler's key averages (CUDA activity) over `reps` calls of `call`, after one untimed call
+    (which fills a pipeline or compiles)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        sync(device)
+    return prof.key_averages()
+
+
 def _device_ms_per_batch(
     loader: Any, device: torch.device, batches: int
 ) -> tuple[float, list[dict[str, Any]]] | None:
@@ -592,16 +606,8 @@ def _device_ms_per_batch(
     the kernels that take it (top_ops)."""
     if device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
-
     it = iter(loader)
-    next(it)
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(batches):
-            next(it)
-        torch.cuda.synchronize(device)
-    events = prof.key_averages()
+    events = device_events(lambda: next(it), device, batches)
     total_us = sum(_self_us(e, on_device=True) for e in events)
     return total_us / 1000.0 / batches, top_ops(events, batches, on_device=True, top=8)
 
@@ -743,18 +749,23 @@ def measure_one_loader(name: str, root: Path, opts: Options, device: torch.devic
 
 
 @contextlib.contextmanager
-def _compiled_form(form: str | None) -> Iterator[None]:
-    """gpu_aug.COMPILED_FORM set to `form` inside (None: as it is), restored after."""
-    if form is None:
-        yield
-        return
-    from fastvpd.data import gpu_aug
-
-    prev, gpu_aug.COMPILED_FORM = gpu_aug.COMPILED_FORM, form
+def patched(module: Any, **values: Any) -> Iterator[None]:
+    """The module's attributes set to `values` inside, restored after (also when the body raises)."""
+    prev = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
     try:
         yield
     finally:
-        gpu_aug.COMPILED_FORM = prev
+        for k, v in prev.items():
+            setattr(module, k, v)
+
+
+def _compiled_form(form: str | None) -> contextlib.AbstractContextManager[None]:
+    """gpu_aug.COMPILED_FORM set to `form` inside (None: as it is), restored after."""
+    from fastvpd.data import gpu_aug
+
+    return patched(gpu_aug, COMPILED_FORM=form) if form is not None else contextlib.nullcontext()
 
 
 def section_loaders(opts: Options, device: torch.device) -> dict[str, Any]:

@@ -57,16 +57,11 @@ def unavailable(device: torch.device) -> str:
 
 
 def load() -> Any:
-    """The kernels (a namespace), built on first use: compiled for the GPU, or interpreted without one."""
+    """The kernels (a namespace), imported on first use: compiled for the GPU, or interpreted under
+    TRITON_INTERPRET=1 (`unavailable` checks the device)."""
     global _KERNELS, _ERROR
     if _KERNELS is not None or _ERROR:
         return _KERNELS
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        _ERROR = (
-            "data.aug_kernel=triton needs a CUDA GPU: use data.aug_kernel=torch here "
-            "(TRITON_INTERPRET=1 runs the kernels in Triton's slow interpreter, for tests)"
-        )
-        return None
     try:
         from fastvpd.data import triton_kernels
     except Exception as e:  # noqa: BLE001 - any import failure means no Triton here
@@ -93,9 +88,10 @@ def render(  # noqa: PLR0913
     pixels uint8 [P, 3] (a store, or a batch of HWC images seen as one); base/width [B]; ys/xs the
     view's `gpu_aug.AxisMap`s; p its `gpu_aug.Photometric` draws; mean/std [3] on the same device.
     """
-    k = load()
-    if k is None:
-        raise RuntimeError(_ERROR)
+    why = unavailable(pixels.device)
+    if why:
+        raise RuntimeError(why)
+    k = _KERNELS
     from fastvpd.data.gpu_aug import gaussian_kernels
 
     b, res = base.shape[0], ys.i0.shape[1]
