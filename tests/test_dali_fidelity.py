@@ -115,3 +115,42 @@ def test_loader_renders_either_jitter_mode(digits_converted, mode: str) -> None:
             8,
             "cpu",
         )
+
+
+def _dali_two_views(root: Any, decode: str, full_crop: bool, seed: int = 3) -> list:
+    """MoCo's two views at 16 px with no photometric ops or flip, one epoch, decoded `once` or `twice`."""
+    from fastvpd.config import DataConfig
+    from fastvpd.data import build_loader, moco_v2
+    from fastvpd.data.spec import RandomResizedCrop, replace, with_strength
+
+    spec = with_strength(moco_v2(16), hflip_p=0.0, jitter_p=0, grayscale_p=0, blur_p=0)
+    if full_crop:
+        crop = RandomResizedCrop(16, (1.0, 1.0), (1.0, 1.0))
+        spec = replace(spec, views=tuple(replace(v, crop=crop) for v in spec.views))
+    cfg = DataConfig(root=str(root), backend="dali", workers=1, dali_decode=decode)
+    return list(build_loader(cfg, spec, "train", 8, "cpu", torch.float32, seed=seed))
+
+
+def test_decode_once_cuts_the_views_twice_decodes(digits_converted) -> None:  # type: ignore[no-untyped-def]
+    """`data.dali_decode=once` (one whole decode, views by random_resized_crop) renders what `twice`
+    (a cropped decode per view) renders: with a full-image crop the same pixels in every view slot, and
+    random crops that differ between the two views of a sample."""
+    once = _dali_two_views(digits_converted, "once", full_crop=True)
+    twice = _dali_two_views(digits_converted, "twice", full_crop=True)
+    assert len(once) == len(twice) >= 3
+    for a, b in zip(once, twice):
+        assert torch.equal(a.indices, b.indices)
+        for va, vb in zip(a.views, b.views):
+            torch.testing.assert_close(va, vb, rtol=0, atol=1e-5)
+    crops = _dali_two_views(digits_converted, "once", full_crop=False)
+    differ = torch.cat([(b.views[0] - b.views[1]).flatten(1).abs().amax(1) > 1e-4 for b in crops])
+    assert float(differ.float().mean()) > 0.9
+    again = _dali_two_views(digits_converted, "once", full_crop=False)
+    assert all(torch.equal(a.views[1], b.views[1]) for a, b in zip(crops, again))  # seeded
+
+
+def test_unknown_dali_decode_mode_is_one_clear_line(digits_converted) -> None:  # type: ignore[no-untyped-def]
+    from fastvpd.config import UserError
+
+    with pytest.raises(UserError, match="data.dali_decode='thrice' is not one of once, twice"):
+        _dali_two_views(digits_converted, "thrice", full_crop=True)

@@ -260,7 +260,8 @@ def build_loader(
         from fastvpd.data.dali import DALILoader
 
         jitter = str(getattr(data_cfg, "dali_jitter", "exact"))
-        return DALILoader(manifest, split, workers=workers, jitter=jitter, **common)
+        decode = str(getattr(data_cfg, "dali_decode", "twice"))
+        return DALILoader(manifest, split, workers=workers, jitter=jitter, decode=decode, **common)
     from fastvpd.data.torchvision import TorchvisionLoader
 
     return TorchvisionLoader(manifest, split, workers=workers, **common)

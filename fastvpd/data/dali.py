@@ -16,6 +16,11 @@ arithmetic (DALI's fn.hue/fn.hsv are a linear approximation), each clamped to [0
 pivot at mid-grey, linear hue): on 2 CPU cores it is 2.8x faster at 96 px and 8.8x at 32 px. Ten-crop
 eval is not rendered here (use cache or torchvision).
 
+Decoding (`data.dali_decode`): `twice` (default) decodes each random-crop view's region of the JPEG on
+its own (`decoders.image_random_crop`: the CPU decoder skips the rest of the image); `once` decodes each
+JPEG whole, once, and cuts every view from it with `random_resized_crop` (same area/ratio sampler and
+fallback). Which is faster depends on the decoder: nvJPEG's hardware engine decodes whole images anyway.
+
 Epochs and sharding: DALI shards the samples contiguously (`shard_id=rank`, `num_shards=world`, shard r
 holds samples [r*N//world, (r+1)*N//world)), so shards differ by at most one sample. A training epoch
 is defined as floor(N/world) // batch_size batches per rank (what every backend reports as len()); each
@@ -41,6 +46,9 @@ INSTALL_HINT = "pip install -e '.[dali]'"
 SHUFFLE_BUFFER = 16384  # samples held for DALI's shuffle (encoded JPEGs in host memory)
 # colour-jitter renderings: "exact" (torchvision's per-sample op order and ops) or "fused" (one color_twist)
 JITTER_MODES = ("exact", "fused")
+# random-crop views: "twice" (one cropped decode per view, fn.decoders.image_random_crop) or "once" (one
+# full decode per sample, each view's crop and resize by fn.random_resized_crop on the decoded image)
+DECODE_MODES = ("once", "twice")
 _GREY = (0.299, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
 
 
@@ -176,13 +184,26 @@ def jitter_torchvision(img: Any, ranges: list[tuple[float, float]], p: float, op
     return img
 
 
-def _render_view(jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str, jitter: str = "exact") -> Any:
-    """DALI graph of one view (called inside the pipeline definition)."""
+def _render_view(
+    jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str, jitter: str = "exact", decoded: Any = None
+) -> Any:
+    """DALI graph of one view (called inside the pipeline definition); `decoded`: the whole images,
+    already decoded (`data.dali_decode=once`), to cut this view from instead of decoding its own."""
     from nvidia.dali import fn, types
 
     f32 = types.FLOAT
     res = view.res
-    if isinstance(view.crop, RandomResizedCrop):
+    if isinstance(view.crop, RandomResizedCrop) and decoded is not None:
+        img = fn.random_resized_crop(
+            decoded,
+            device=op_dev,
+            size=[res, res],
+            random_area=list(view.crop.scale),
+            random_aspect_ratio=list(view.crop.ratio),
+            num_attempts=10,
+            interp_type=types.INTERP_LINEAR,
+        )
+    elif isinstance(view.crop, RandomResizedCrop):
         img = fn.decoders.image_random_crop(
             jpegs,
             device=decode_dev,
@@ -193,8 +214,11 @@ def _render_view(jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str, jitte
         )
         img = fn.resize(img, device=op_dev, resize_x=res, resize_y=res, interp_type=types.INTERP_LINEAR)
     else:
-        img = fn.decoders.image(jpegs, device=decode_dev, output_type=types.RGB)
-        img = fn.resize(img, device=op_dev, resize_shorter=view.crop.resize, interp_type=types.INTERP_LINEAR)
+        if decoded is None:
+            decoded = fn.decoders.image(jpegs, device=decode_dev, output_type=types.RGB)
+        img = fn.resize(
+            decoded, device=op_dev, resize_shorter=view.crop.resize, interp_type=types.INTERP_LINEAR
+        )
     if view.autoaugment:
         from nvidia.dali.auto_aug import auto_augment
 
@@ -271,11 +295,14 @@ class DALILoader(LoaderBase):
         train: bool = True,
         workers: int = 0,
         jitter: str = "exact",
+        decode: str = "twice",
     ) -> None:
         _import_dali()
         if jitter not in JITTER_MODES:
             raise UserError(f"data.dali_jitter={jitter!r} is not one of {', '.join(JITTER_MODES)}")
-        self.jitter = jitter
+        if decode not in DECODE_MODES:
+            raise UserError(f"data.dali_decode={decode!r} is not one of {', '.join(DECODE_MODES)}")
+        self.jitter, self.decode = jitter, decode
         for v in spec.views:
             if isinstance(v.crop, ResizeCenterCrop) and v.crop.ten_crop:
                 raise UserError(
@@ -297,7 +324,7 @@ class DALILoader(LoaderBase):
         self._pipe: Any = None
 
     def _build(self, epoch: int) -> Any:
-        from nvidia.dali import fn, pipeline_def
+        from nvidia.dali import fn, pipeline_def, types
 
         cuda = self.device.type == "cuda"
         decode_dev, op_dev = ("mixed", "gpu") if cuda else ("cpu", "cpu")
@@ -336,7 +363,10 @@ class DALILoader(LoaderBase):
                 pad_last_batch=not train,
                 name="reader",
             )
-            views = [_render_view(jpegs, v, decode_dev, op_dev, self.jitter) for v in spec.views]
+            whole = None
+            if self.decode == "once":  # one decode per sample, every view cut from it
+                whole = fn.decoders.image(jpegs, device=decode_dev, output_type=types.RGB)
+            views = [_render_view(jpegs, v, decode_dev, op_dev, self.jitter, whole) for v in spec.views]
             return (*views, cls)
 
         p = pipe()
