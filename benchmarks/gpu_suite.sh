@@ -29,7 +29,7 @@ if ls wheels/*.whl >/dev/null 2>&1; then
 else
   echo "no wheels/ folder: omegaconf/ffcv missing unless already installed (run benchmarks/fetch_wheels.sh)"
 fi
-if [ -f dali_pieces/1/COUNT ]; then  # DALI and its dependencies travel in pieces over calls (dali_pieces.sh)
+if [ -f "${DALI_PIECES_DIR:-dali_pieces}/1/COUNT" ]; then  # DALI and its deps travel in pieces (dali_pieces.sh)
   if "$PY" -c 'import nvidia.dali' 2>/dev/null; then
     echo "DALI already installed (an earlier call on this machine)"
   elif [ -n "$(bash benchmarks/dali_pieces.sh status 2>/dev/null | grep 'missing: none')" ]; then
