@@ -76,8 +76,8 @@ case "${1:-}" in
     du -sh "$DIR"/*/
     echo "carry dali_pieces/1 ... dali_pieces/$n, one per device call; install with the last"
     if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then  # what call 1 moves: tree + wheels/ + piece 1
-      tree=$(cd "$ROOT" && git ls-files -z | xargs -0 cat 2>/dev/null | wc -c)
-      extra=$(cat "$ROOT"/wheels/*.whl "$DIR"/1/* 2>/dev/null | wc -c)
+      tree=$(cd "$ROOT" && { git ls-files -z | xargs -0 cat 2>/dev/null || true; } | wc -c)
+      extra=$({ cat "$ROOT"/wheels/*.whl "$DIR"/1/* 2>/dev/null || true; } | wc -c)  # wheels/ may be absent
       echo "call 1 with wheels/ carries $(( (tree + extra) / 1048576 )) MiB of the 64 MiB a call may move"
     fi
     ;;
