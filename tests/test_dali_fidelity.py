@@ -60,6 +60,23 @@ def test_each_op_matches_torchvision(op: int) -> None:
     assert np.abs(out - ref[None]).max() < TOL
 
 
+@pytest.mark.parametrize("factor", [-0.5, -0.37, -0.1, 0.0, 0.05, 0.25, 0.49, 0.5])
+def test_hue_matches_torchvision_on_hard_pixels(factor: float) -> None:
+    """The rewritten hue (no sectors, one mod 6) against torchvision on the pixels where its branches
+    meet: greys (max = min), ties between channels (max = r = g, ...), primaries and secondaries (sector
+    edges), black, white, and random colours, at hue shifts across the whole range."""
+    greys = [(0, 0, 0), (1, 1, 1), (0.5, 0.5, 0.5)]
+    corners = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1)]
+    ties = [(0.7, 0.7, 0.2), (0.2, 0.7, 0.7), (0.7, 0.2, 0.7), (0.3, 0.3, 0.9), (0.9, 0.1, 0.1)]
+    edges = greys + corners + ties
+    rng = np.random.default_rng(11)
+    pixels = np.concatenate([np.asarray(edges, np.float32), rng.uniform(size=(50, 3)).astype(np.float32)])
+    img = pixels.reshape(8, 8, 3)
+    out = _run(lambda x: D._hue(x, fn.random.uniform(values=[factor])), img)
+    ref = TF.adjust_hue(torch.from_numpy(img).permute(2, 0, 1), factor).permute(1, 2, 0).numpy()
+    assert np.abs(out - ref[None]).max() < 1e-5
+
+
 def test_jitter_order_is_per_sample_and_each_is_a_torchvision_order() -> None:
     img = _image(7)
     ranges = [(f, f) for f in FACTORS]

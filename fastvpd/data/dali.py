@@ -104,7 +104,19 @@ def _saturation(img: Any, f: Any) -> Any:
 
 
 def _hue(img: Any, f: Any) -> Any:
-    """torchvision adjust_hue (f in turns, [-0.5, 0.5]): its _rgb2hsv, shift mod 1, _hsv2rgb."""
+    """torchvision adjust_hue (f in turns, [-0.5, 0.5]): its _rgb2hsv, shift mod 1, _hsv2rgb, in fewer ops.
+
+    DALI runs every arithmetic step as an operator of its own (one pass over the pixels each; its
+    arithmetic operator takes one function node per instance), so the op count is the cost. Two exact
+    rewrites of torchvision's maths halve it (116 operators to 63):
+    - hsv -> rgb without the six sectors: channel n (R 5, G 3, B 1) is v - v*s*clamp(min(k, 4 - k), 0, 1)
+      with k = (n + 6h) mod 6, which is torchvision's p/q/t/v pick in every sector;
+    - the two `mod 1` of the hue go into that `mod 6`: k = (n + 6 + h_raw + 6f) mod 6, where h_raw in
+      [-1, 5] is the hue before torchvision's `/6 + 1` and the shift, 6f in [-3, 3] (so the argument is
+      positive, where fmod is the floor mod torchvision uses).
+    Where max = min (grey), torchvision sets s = 0 and the divisors to 1: here s = cr/(max + eq) and the
+    divisor cr + eq, the same values since cr = 0 there.
+    """
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
@@ -114,35 +126,25 @@ def _hue(img: Any, f: Any) -> Any:
     r, g, b = _channels(img)
     maxc = dmath.max(dmath.max(r, g), b)
     minc = dmath.min(dmath.min(r, g), b)
-    eqc = fl(maxc == minc)
     cr = maxc - minc
-    s = cr / (maxc + eqc * (1.0 - maxc))  # where(eqc, 1, maxc)
-    crd = cr + eqc * (1.0 - cr)  # where(eqc, 1, cr)
+    eqc = fl(maxc == minc)
+    s = cr / (maxc + eqc)
+    crd = cr + eqc
     rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
     is_r = fl(maxc == r)
-    is_g = fl(maxc == g) * (1.0 - is_r)
-    is_b = (1.0 - fl(maxc == g)) * (1.0 - is_r)
-    h = (is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)) / 6.0 + 1.0
-    h = h - dmath.floor(h)  # torchvision: fmod(h, 1) on h >= 0
-    h = h + f
-    h = h - dmath.floor(h)  # (h + f) % 1.0
-    v = maxc
-    h6 = h * 6.0
-    i = dmath.floor(h6)
-    frac = h6 - i
-    i = i - 6.0 * dmath.floor(i / 6.0)  # i % 6
-    p = _clamp01(v * (1.0 - s))
-    q = _clamp01(v * (1.0 - s * frac))
-    t = _clamp01(v * (1.0 - s * (1.0 - frac)))
-    masks = [fl(i == float(k)) for k in range(6)]
+    not_r = 1.0 - is_r
+    is_g_raw = fl(maxc == g)
+    is_g = is_g_raw * not_r
+    is_b = (1.0 - is_g_raw) * not_r
+    h_raw = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)  # torchvision's h * 6 - 6
+    shifted = h_raw + 6.0 * f + 6.0
+    vs = maxc * s
 
-    def pick(vals: tuple[Any, ...]) -> Any:
-        out = masks[0] * vals[0]
-        for m, val in zip(masks[1:], vals[1:]):
-            out = out + m * val
-        return out
+    def channel(n: float) -> Any:
+        k = (shifted + n) % 6.0
+        return maxc - vs * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
 
-    return _merge(pick((v, q, p, p, t, v)), pick((t, v, v, q, p, p)), pick((p, p, t, v, v, q)))
+    return _merge(channel(5.0), channel(3.0), channel(1.0))
 
 
 def jitter_ranges(j: ColorJitter) -> list[tuple[float, float]]:
