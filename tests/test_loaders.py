@@ -72,18 +72,18 @@ def test_backend_train_contract(digits_converted: Path, backend: str) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", [*BACKENDS, "dali_once"])
+@pytest.mark.parametrize("backend", [*BACKENDS, "dali_twice"])
 def test_backend_train_contract_on_gpu(digits_converted: Path, backend: str) -> None:
     """On a GPU every backend hands over device views (DALI decodes with nvJPEG, `mixed`, a cropped decode
-    per view or, `dali_once`, one whole decode per sample; the cache sits in device memory), and the same
+    per sample or, `dali_twice`, a cropped decode per view; the cache sits in device memory), and the same
     seed gives the same batches there too."""
     if backend.startswith(("ffcv", "dali")):
         pytest.importorskip("ffcv" if backend == "ffcv" else "nvidia.dali")
     labels = _labels(digits_converted, "train")
 
     def first(n: int) -> list:
-        cfg = _cfg(digits_converted, backend.removesuffix("_once"))
-        cfg.dali_decode = "once" if backend == "dali_once" else cfg.dali_decode
+        cfg = _cfg(digits_converted, backend.removesuffix("_twice"))
+        cfg.dali_decode = "twice" if backend == "dali_twice" else cfg.dali_decode
         return list(
             itertools.islice(build_loader(cfg, moco_v2(RES), "train", BS, "cuda", torch.bfloat16, seed=0), n)
         )

@@ -260,7 +260,7 @@ def build_loader(
         from fastvpd.data.dali import DALILoader
 
         jitter = str(getattr(data_cfg, "dali_jitter", "exact"))
-        decode = str(getattr(data_cfg, "dali_decode", "twice"))
+        decode = str(getattr(data_cfg, "dali_decode", "once"))
         return DALILoader(manifest, split, workers=workers, jitter=jitter, decode=decode, **common)
     from fastvpd.data.torchvision import TorchvisionLoader
 
