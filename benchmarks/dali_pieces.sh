@@ -61,15 +61,15 @@ case "${1:-}" in
       DALI_PKG="$PKG" "$PY" "$ROOT/benchmarks/dali_slim.py" build "$DIR/src" --python "$TARGET_PY" --arch "$SM" \
         || die "could not build the DALI bundle (see above)"
     fi
-    whl=$(ls "$DIR"/src/* | head -1)  # the bundle or the wheel
-    name=$(basename "$whl")
+    file=$(ls "$DIR"/src/* | head -1)  # the bundle or the wheel
+    name=$(basename "$file")
     (cd "$DIR/src" && split -b "$PIECE" -d -a 2 "$name" part.)
     n=0
     for p in "$DIR"/src/part.*; do
       n=$((n + 1))
       mkdir -p "$DIR/$n" && mv "$p" "$DIR/$n/"
     done
-    sha256sum "$whl" | cut -d' ' -f1 > "$DIR/1/SHA256"
+    sha256sum "$file" | cut -d' ' -f1 > "$DIR/1/SHA256"
     echo "$name" > "$DIR/1/NAME"
     echo "$n" > "$DIR/1/COUNT"
     rm -rf "$DIR/src"
@@ -104,7 +104,7 @@ case "${1:-}" in
     fi
     "$PY" -m pip install -q --no-index --find-links "$find" --disable-pip-version-check "$whl" \
       || die "pip could not install $(basename "$whl") offline (a dependency missing from the bundle?)"
-    rm -rf "$DIR/bundle" "$DIR/$(cat "$DIR/1/NAME")"
+    rm -rf "$DIR/bundle" "$f"
     "$PY" -c 'import nvidia.dali as d; print("nvidia.dali", d.__version__, "installed")'
     ;;
   *)

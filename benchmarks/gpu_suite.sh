@@ -32,11 +32,8 @@ fi
 if [ -f "${DALI_PIECES_DIR:-dali_pieces}/1/COUNT" ]; then  # DALI and its deps travel in pieces (dali_pieces.sh)
   if "$PY" -c 'import nvidia.dali' 2>/dev/null; then
     echo "DALI already installed (an earlier call on this machine)"
-  elif [ -n "$(bash benchmarks/dali_pieces.sh status 2>/dev/null | grep 'missing: none')" ]; then
+  else  # with pieces still to come, install says which and stops
     PYTHON="$PY" timeout 240 bash benchmarks/dali_pieces.sh install || echo "DALI not installed (continuing)"
-  else
-    bash benchmarks/dali_pieces.sh status || true
-    echo "DALI: pieces still to come; installed by the call that brings the last"
   fi
 fi
 if ! timeout 120 "$PY" -m pip install -q --no-deps --no-build-isolation --disable-pip-version-check -e . \
