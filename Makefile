@@ -41,18 +41,20 @@ XDIST := -n $(TEST_WORKERS) --dist worksteal
 test: setup
 	$(VPY) -m pytest -q -m "not cuda" $(XDIST) tests
 
-# The CPU suite under another torch (default: the GPU machine's 2.11 / torchvision 0.26). An overlay venv holds
-# only that torch and torchvision; everything else (numpy, ffcv, dali, the CUDA runtime libraries torch links
-# against, the editable fastvpd) is read from $(VENV) through a .pth file. About 7 minutes.
+# The CPU suite under another torch (default: the GPU machine's 2.11 / torchvision 0.26, with the Triton 3.6
+# that torch pins, so the kernels' sm_90 compile test runs that Triton's compiler). An overlay venv holds only
+# those three; everything else (numpy, ffcv, dali, the CUDA runtime libraries torch links against, the
+# editable fastvpd) is read from $(VENV) through a .pth file. About 7 minutes.
 COMPAT_TORCH ?= 2.11.0
 COMPAT_TV ?= 0.26.0
+COMPAT_TRITON ?= 3.6.0
 COMPAT_VENV := .venv-torch$(COMPAT_TORCH)
 test-torch-compat: setup
 	@[ -x $(COMPAT_VENV)/bin/python ] || $(PY) -m venv $(COMPAT_VENV)
-	@$(COMPAT_VENV)/bin/python -m pip install -q --no-deps torch==$(COMPAT_TORCH) torchvision==$(COMPAT_TV) 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@$(COMPAT_VENV)/bin/python -m pip install -q --no-deps torch==$(COMPAT_TORCH) torchvision==$(COMPAT_TV) triton==$(COMPAT_TRITON) 2>&1 | { grep -v '^WARNING: Location' || true; }
 	@printf '%s\n' "$$($(VPY) -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')" "$$PWD" \
 	  > "$$($(COMPAT_VENV)/bin/python -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')/zz_fastvpd_base.pth"
-	@$(COMPAT_VENV)/bin/python -c 'import torch,torchvision;print("[compat] torch",torch.__version__,"torchvision",torchvision.__version__)'
+	@$(COMPAT_VENV)/bin/python -c 'import torch,torchvision,triton;print("[compat] torch",torch.__version__,"torchvision",torchvision.__version__,"triton",triton.__version__)'
 	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda" $(XDIST) tests
 
 lint: setup

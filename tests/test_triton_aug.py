@@ -166,7 +166,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
     from fastvpd.data import triton_kernels as K
 
     ptr = {"fy": "*fp32", "fx": "*fp32", "factors": "*fp32", "cmean": "*fp32", "part": "*fp32"}
-    ptr |= {"pix": "*u8", "mean": "*fp32", "inv": "*fp32", "src": "*fp32", "kern": "*fp32", "K": "i32"}
+    ptr |= {"pix": "*u8", "mean": "*fp32", "inv": "*fp32", "src": "*fp32", "kern": "*fp32"}
     ptr |= {"planes": "*fp32"}
     ptr |= {k: "*i32" for k in ("jit_on", "order", "cpos", "gray_on", "blur_on")}
 
@@ -179,6 +179,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
     blk = triton_aug.BLOCK
     for res in (224, 33):
         nblk = -(-res * res // blk)
+        taps = moco_v2(res).views[0].blur.kernel_size(res)
         build(
             K.colour,
             dict(R=res, NBLK=nblk, BLOCK=blk, PHASE=0, JITTER=True, GRAY=False, FINAL=False),
@@ -190,7 +191,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
         for along_w in (False, True):
             build(
                 K.blur,
-                dict(R=res, BLOCK=blk, ALONG_W=along_w, FINAL=along_w),
+                dict(R=res, K=taps, BLOCK=blk, ALONG_W=along_w, FINAL=along_w),
                 "*bf16" if along_w else "*fp32",
             )
 

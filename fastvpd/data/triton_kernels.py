@@ -188,7 +188,7 @@ def blur(
     dst,
     kern,
     blur_on,
-    K,
+    K: tl.constexpr,
     mean,
     inv,
     R: tl.constexpr,
@@ -198,7 +198,9 @@ def blur(
 ):
     """One separable pass of the blur over float32 planes (program axis 0: sample * 3 + channel), with
     torch's reflect padding (periodic beyond one bounce), for the samples drawn for it (the others were
-    finished by `colour`). FINAL also normalises and writes NHWC `dst`."""
+    finished by `colour`). FINAL also normalises and writes NHWC `dst`. The taps K are a constant, as R
+    is (both follow from the resolution): the loop unrolls, and Triton 3.6's interpreter (torch 2.11's)
+    cannot index a runtime `range` bound."""
     plane = tl.program_id(0)
     sb = plane // 3
     c = plane % 3
