@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fastvpd-installed
 APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup sysdeps demo test test-fast test-torch-compat lint format gpu-suite clean
+.PHONY: setup sysdeps demo test test-fast test-torch-compat test-gpu-stack lint format gpu-suite clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,24 @@ test-torch-compat: setup
 	  > "$$($(COMPAT_VENV)/bin/python -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')/zz_fastvpd_base.pth"
 	@$(COMPAT_VENV)/bin/python -c 'import torch,torchvision,triton;print("[compat] torch",torch.__version__,"torchvision",torchvision.__version__,"triton",triton.__version__)'
 	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda" $(XDIST) tests
+
+# The CPU suite on the GPU machine's software, as far as a CPU box can hold it: Python 3.12, torch 2.11 with
+# its Triton 3.6, the carried wheels (wheels/, benchmarks/fetch_wheels.sh) and the slimmed DALI bundle that
+# travels in dali_pieces/ (benchmarks/dali_pieces.sh split), installed the way gpu_suite.sh installs them.
+# A venv of its own, .venv-gpu-stack; what that machine has already (numpy, pyyaml, opencv, pytest, ...) comes
+# from PyPI first, as the bundle leaves it out. GPU_PY names a Python 3.12, e.g.
+# GPU_PY=$$(pyenv root)/versions/3.12.1/bin/python. About 10 minutes, plus the first install.
+GPU_PY ?= python3.12
+GPU_VENV := .venv-gpu-stack
+test-gpu-stack:
+	@[ -x $(GPU_VENV)/bin/python ] || $(GPU_PY) -m venv $(GPU_VENV)
+	@ls wheels/*.whl >/dev/null 2>&1 || { echo "no wheels/: run bash benchmarks/fetch_wheels.sh first"; exit 2; }
+	@$(GPU_VENV)/bin/python -m pip install -q torch==$(COMPAT_TORCH) torchvision==$(COMPAT_TV) opencv-python-headless 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@$(GPU_VENV)/bin/python -m pip install -q --no-deps wheels/*.whl 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@$(GPU_VENV)/bin/python -m pip install -q -e ".[dev]" 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@$(GPU_VENV)/bin/python -c 'import nvidia.dali' 2>/dev/null || PYTHON=$(GPU_VENV)/bin/python bash benchmarks/dali_pieces.sh install
+	@$(GPU_VENV)/bin/python -c 'import sys,torch,triton,nvidia.dali as d;print("[gpu-stack] python",sys.version.split()[0],"torch",torch.__version__,"triton",triton.__version__,"dali",d.__version__)'
+	$(GPU_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda" $(XDIST) tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
