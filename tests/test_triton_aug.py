@@ -55,11 +55,14 @@ mv = moco_v2(24).views[0]
 # every op drawn for every sample, and a blur kernel (15 taps) longer than the 7-px image (two bounces)
 always = replace(mv, jitter=replace(mv.jitter, p=1.0), grayscale_p=0.5, blur=GaussianBlur(p=0.7))
 long_blur = replace(always, crop=replace(mv.crop, size=7), blur=GaussianBlur(p=1.0, kernel_frac=2.0))
+# 73 taps: past triton_kernels.UNROLL_TAPS, the rolled loop
+rolled_blur = replace(always, crop=replace(mv.crop, size=9), blur=GaussianBlur(p=1.0, kernel_frac=8.0))
 cases = {
     "moco_v2_24": (moco_v2(24), torch.float32),
     "moco_v2_33": (moco_v2(33), torch.float32),
     "all_ops": (AugSpec("t", (always, always)), torch.float32),
     "long_blur": (AugSpec("t", (long_blur,)), torch.float32),
+    "rolled_blur": (AugSpec("t", (rolled_blur,)), torch.float32),
     "eval_ten_crop": (eval_spec(20, ten_crop=True), torch.float32),
     "moco_v2_bf16": (moco_v2(24), torch.bfloat16),
 }
@@ -136,6 +139,7 @@ def interpreted(digits_converted: Path) -> dict:
         ("block_256", 2e-5),
         ("all_ops", 2e-5),
         ("long_blur", 2e-5),
+        ("rolled_blur", 2e-5),
         ("eval_ten_crop", 2e-5),
         ("ffcv_images", 2e-5),
         ("moco_v2_bf16", 0.02),  # one bf16 ulp of the normalised values (|x| < 4) at most
@@ -188,10 +192,11 @@ def test_triton_kernels_compile_for_hopper() -> None:
         for jitter, gray, final in itertools.product((True, False), repeat=3):
             consts = dict(R=res, NBLK=nblk, BLOCK=blk, PHASE=1, JITTER=jitter, GRAY=gray, FINAL=final)
             build(K.colour, consts, "*bf16")
-        for along_w in (False, True):
+        # the recipe's taps (one bounce, unrolled) and, at 33 px, 67 taps: periodic padding, a rolled loop
+        for k_taps, along_w in itertools.product((taps, 67) if res == 33 else (taps,), (False, True)):
             build(
                 K.blur,
-                dict(R=res, K=taps, BLOCK=blk, ALONG_W=along_w, FINAL=along_w),
+                dict(R=res, K=k_taps, BLOCK=blk, ALONG_W=along_w, FINAL=along_w),
                 "*bf16" if along_w else "*fp32",
             )
 

@@ -10,6 +10,7 @@ import triton.language as tl
 GW0 = tl.constexpr(0.2989)  # torchvision rgb_to_grayscale weights (gpu_aug._GRAY_W)
 GW1 = tl.constexpr(0.587)
 GW2 = tl.constexpr(0.114)
+UNROLL_TAPS = tl.constexpr(64)  # blur kernels up to this many taps (45 at 448 px) are unrolled
 
 
 @triton.jit
@@ -183,6 +184,32 @@ def colour(
 
 
 @triton.jit
+def _tap(p, kern, sb, oy, ox, t, ok, R: tl.constexpr, K: tl.constexpr, ALONG_W: tl.constexpr):
+    """Tap t of the blur: its weight times the pixel it reads, with torch's reflect padding. While the
+    kernel's half-width is below the side (always, for the recipes' ~10 % kernels) one bounce is all
+    there is: two selects. Beyond it the padding is periodic, a remainder (the same under C's and
+    Python's signs)."""
+    if ALONG_W:
+        s = ox + (t - K // 2)
+    else:
+        s = oy + (t - K // 2)
+    if R == 1:
+        s = s * 0
+    elif K // 2 < R:
+        s = tl.where(s < 0, -s, s)
+        s = tl.where(s >= R, 2 * R - 2 - s, s)
+    else:
+        period = 2 * R - 2
+        s = (s % period + period) % period
+        s = tl.where(s >= R, period - s, s)
+    if ALONG_W:
+        v = tl.load(p + oy * R + s, mask=ok, other=0.0)
+    else:
+        v = tl.load(p + s * R + ox, mask=ok, other=0.0)
+    return tl.load(kern + sb * K + t) * v
+
+
+@triton.jit
 def blur(
     src,
     dst,
@@ -199,8 +226,8 @@ def blur(
     """One separable pass of the blur over float32 planes (program axis 0: sample * 3 + channel), with
     torch's reflect padding (periodic beyond one bounce), for the samples drawn for it (the others were
     finished by `colour`). FINAL also normalises and writes NHWC `dst`. The taps K are a constant, as R
-    is (both follow from the resolution): the loop unrolls, and Triton 3.6's interpreter (torch 2.11's)
-    cannot index a runtime `range` bound."""
+    is (both follow from the resolution): the loop unrolls, the padding needs no remainder, and Triton
+    3.6's interpreter (torch 2.11's) cannot index a runtime `range` bound anyway."""
     plane = tl.program_id(0)
     sb = plane // 3
     c = plane % 3
@@ -211,23 +238,12 @@ def blur(
     p = src + plane * R * R
     if tl.load(blur_on + sb) != 0:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        half = K // 2
-        for t in range(0, K):
-            if ALONG_W:
-                s = ox + t - half
-            else:
-                s = oy + t - half
-            if R > 1:
-                period = 2 * R - 2
-                s = (s % period + period) % period  # the same under C and Python remainders
-                s = tl.where(s >= R, period - s, s)
-            else:
-                s = s * 0
-            if ALONG_W:
-                v = tl.load(p + oy * R + s, mask=ok, other=0.0)
-            else:
-                v = tl.load(p + s * R + ox, mask=ok, other=0.0)
-            acc += tl.load(kern + sb * K + t) * v
+        if K <= UNROLL_TAPS:  # unrolled: each tap's offset is a constant
+            for t in tl.static_range(K):
+                acc += _tap(p, kern, sb, oy, ox, t, ok, R, K, ALONG_W)
+        else:
+            for t in range(0, K):
+                acc += _tap(p, kern, sb, oy, ox, t, ok, R, K, ALONG_W)
         if FINAL:
             iv = tl.load(inv + c)
             y = acc * iv - tl.load(mean + c) * iv
