@@ -113,8 +113,9 @@ def test_a_real_dali_library_still_reads_as_an_sm90_fat_binary(tmp_path: Path) -
         pytest.skip("needs DALI installed and cuobjdump (Triton ships one)")
 
     def only_sm90(path: Path) -> bool:
-        run = subprocess.run([tool, "-lelf", str(path)], capture_output=True, text=True, check=True)
-        listing = run.stdout
+        listing = subprocess.run(
+            [tool, "-lelf", str(path)], capture_output=True, text=True, check=True
+        ).stdout
         assert listing.strip(), f"cuobjdump lists no cubin in {path}"
         return all("sm_90" in line for line in listing.strip().splitlines())
 
