@@ -359,15 +359,19 @@ def _package_rung(
     precision: Any = None,
     inductor: dict[str, Any] | None = None,
     overlap: bool = False,
+    stem: int = 3,
 ) -> Callable[[], Any]:
     """The package's MoCo step; `inductor`: torch._inductor.config settings its compile runs under;
-    `overlap`: the key encoder on a second CUDA stream (moco.overlap_key)."""
+    `overlap`: the key encoder on a second CUDA stream (moco.overlap_key); `stem`: the stem's input
+    channels (model.stem_channels: the image zero-padded to them)."""
     step_mod = _require("fastvpd.step", "fastvpd.step")
     from fastvpd.config import OptimConfig
     from fastvpd.optim import build_sgd
 
     oc = OptimConfig()
-    model = _moco_model(opts, device, split_bn).to(memory_format=torch.channels_last)
+    model = _moco_model(opts, device, split_bn)
+    _require("fastvpd.models", "fastvpd.models").pad_stem(model, stem)
+    model = model.to(memory_format=torch.channels_last)
     if compiled:
         # Dynamo would reuse an earlier rung's compiled code for these new modules (it does not guard on
         # Inductor's settings); Inductor's on-disk cache still makes an unchanged compile quick
@@ -426,6 +430,17 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
             warmup_extra=4,
         ),
     ]
+    # the stem fed a zero-padded image (model.stem_channels): cuDNN pads 3 channels to 8 itself and ran the
+    # 7x7 stem with an Ampere-era kernel, 1.5 ms a forward on an H100 (run 4); padded, it may pick another
+    for c in STEM_CHANNELS:
+        rungs.append(
+            Rung(
+                f"+ CUDA graph, 2nd stream, stem input padded to {c} channels",
+                (lambda c=c: _package_rung(opts, device, True, False, overlap=True, stem=c)) if gpu else None,
+                "" if gpu else no_gpu,
+                warmup_extra=4,
+            )
+        )
     # split-BN's other eager implementation (all groups' statistics in two reductions): graphed on a GPU
     rungs.append(
         Rung(
@@ -457,6 +472,14 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
                     warmup_extra=4,
                 )
             )
+            for c in STEM_CHANNELS:
+                rungs.append(
+                    Rung(
+                        f"+ torch.compile + CUDA graph, 2nd stream, stem input padded to {c} channels",
+                        lambda c=c: _package_rung(opts, device, True, True, overlap=True, stem=c),
+                        warmup_extra=4,
+                    )
+                )
             for label, settings in INDUCTOR_VARIANTS if opts.inductor_variants else ():  # a compile each
                 rungs.append(
                     Rung(
@@ -467,6 +490,8 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
                 )
     return rungs
 
+
+STEM_CHANNELS = (4, 8)  # model.stem_channels the ladder times (the MoCo step's own rungs use 3)
 
 # Inductor settings the compiled, captured MoCo step is also timed with (GPU, --compile): issue #4's step
 # ran at 3909 samples/s against 4000 in H100 run 3. 1x1 convolutions (half of ResNet-50's) lowered to

@@ -77,6 +77,10 @@ class ModelConfig:
     small_stem: bool = False  # 3x3 stride-1 stem, no max-pool: for 32-px data
     init: str = "moco"  # distill: moco | random ; linear: moco
     channels_last: bool = True
+    # the stem convolution's input: the 3-channel image, or zero-padded to 4 or 8 channels (and its weight
+    # in the forward): same parameters and results; cuDNN may pick a faster kernel for the 7x7 stem in
+    # channels-last bf16 (an H100 run decides; benchmarks/throughput.py's "stem input padded" rungs)
+    stem_channels: int = 3
 
 
 @dataclass

@@ -265,6 +265,29 @@ def test_compiled_rung_compiles_under_its_inductor_settings(monkeypatch: pytest.
     assert not any("GEMMs" in n for n in names)  # CPU: no CUDA-graph rungs, so no variants
 
 
+def test_padded_stem_rungs_time_the_step_with_a_padded_stem() -> None:
+    """The ladder's `stem input padded to C channels` rungs (GPU-only) build the package's step with
+    model.stem_channels=C; the step itself runs anywhere and trains."""
+    cpu = torch.device("cpu")
+    stems = [r for r in tp.moco_ladder(tp.Options(), cpu) if "stem input padded" in r.name]
+    assert [r.name.split(" to ")[-1] for r in stems] == [f"{c} channels" for c in tp.STEM_CHANNELS]
+    assert all(r.build is None and "CUDA" in r.skip_reason for r in stems)
+    seen: list[int] = []
+    real = torch.nn.functional.conv2d
+
+    def spy(x: torch.Tensor, w: torch.Tensor, *a: object, **kw: object) -> torch.Tensor:
+        seen.append(x.shape[1])
+        return real(x, w, *a, **kw)
+
+    opts = tp.Options(arch="resnet18", res=16, batch=4, queue=8, warmup=1, repeats=1)
+    step = tp._package_rung(opts, cpu, False, False, stem=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "conv2d", spy)
+        out = step()
+    assert seen.count(8) == 2  # the query and key encoders' stems, fed 8 channels
+    assert torch.isfinite(out["loss"]).all()
+
+
 @pytest.mark.cuda
 def test_step_ladder_on_gpu(tmp_path: Path) -> None:
     """Every GPU rung runs (bf16, CUDA graph) and reports MFU and peak memory."""

@@ -12,10 +12,12 @@ from fastvpd.config import ConfigError
 from fastvpd.models import (
     FeatureTaps,
     MLPHead,
+    PaddedStemConv,
     SplitBatchNorm,
     backbone_state_for_torchvision,
     build_backbone,
     convert_split_bn,
+    pad_stem,
     stage_bn,
     stage_channels,
     to_channels_last,
@@ -189,6 +191,35 @@ def test_split_bn_channels_last_eval_and_conversion() -> None:
 def test_to_channels_last() -> None:
     net = to_channels_last(build_backbone("resnet18"))
     assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("channels", [4, 8])
+def test_padded_stem_is_the_same_convolution_with_the_same_parameters(channels: int) -> None:
+    """model.stem_channels: outputs, gradients and state dict of the 3-channel stem; the optimizer's
+    Parameter objects kept; channels-last in, channels-last through; below 3 a config error."""
+    torch.manual_seed(3)
+    plain = to_channels_last(build_backbone("resnet18"))
+    padded = to_channels_last(build_backbone("resnet18"))
+    padded.load_state_dict(plain.state_dict())
+    weight = padded.conv1.weight
+    assert pad_stem(padded, channels) == 1
+    assert isinstance(padded.conv1, PaddedStemConv) and padded.conv1.weight is weight
+    assert padded.conv1.weight.shape == (64, 3, 7, 7)
+    assert padded.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(4, 3, 48, 48).to(memory_format=torch.channels_last)
+    seen = []
+    padded.conv1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    a, b = plain(x), padded(x)
+    assert seen == [3]  # padding happens inside the stem: the module takes the 3-channel image
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(padded.conv1.weight.grad, plain.conv1.weight.grad, rtol=1e-4, atol=1e-4)
+    stem = padded.conv1(x)
+    assert stem.is_contiguous(memory_format=torch.channels_last)
+    assert pad_stem(plain, 3) == 0 and type(plain.conv1) is nn.Conv2d
+    with pytest.raises(ConfigError, match="stem_channels"):
+        pad_stem(plain, 2)
 
 
 def test_export_loads_into_torchvision() -> None:

@@ -190,3 +190,17 @@ def test_overlap_key_off_a_gpu_says_so_and_trains_the_same(
     a = checkpoint.load(plain / "checkpoints" / "last.pt")["task"]["model"]
     b = checkpoint.load(asked / "checkpoints" / "last.pt")["task"]["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_padded_stem_trains_as_the_plain_one(digits_converted: Path, tmp_path: Path) -> None:
+    """model.stem_channels=8 (the stem fed a zero-padded image) trains what the 3-channel stem trains:
+    same checkpoint keys and shapes, the same weights up to float rounding after two steps."""
+    steps = ["train.max_steps=2", "train.epochs=1"]
+    plain = _run(digits_converted, tmp_path / "plain", *steps)
+    padded = _run(digits_converted, tmp_path / "padded", *steps, "model.stem_channels=8")
+    a = checkpoint.load(plain / "checkpoints" / "last.pt")["task"]["model"]
+    b = checkpoint.load(padded / "checkpoints" / "last.pt")["task"]["model"]
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

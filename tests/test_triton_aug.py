@@ -72,10 +72,11 @@ for name, (spec, dtype, rows) in cases.items():
     same = [list(v.shape) for v in tv] == [list(v.shape) for v in ref]
     out[name] = {"diff": diff(tv, ref), "layout": ok, "shapes": same}
 # another launch shape (benchmarks/aug_tune.py times several): 256-pixel programs, 5 per 33x33 image
+shape = (T.BLOCK, T.WARPS)
 T.BLOCK, T.WARPS = 256, 4
 tv, ref = views(moco_v2(33), "triton", torch.float32, 8), views(moco_v2(33), "torch", torch.float32, 8)
 out["block_256"] = {"diff": diff(tv, ref), "layout": True, "shapes": True}
-T.BLOCK, T.WARPS = 1024, 8
+T.BLOCK, T.WARPS = shape
 
 # FFCV's form: uint8 crops, one slot of a [B, V, R, R, 3] buffer, finished in place
 spec = AugSpec("t", (always,))
@@ -177,7 +178,11 @@ def test_triton_kernels_compile_for_hopper() -> None:
     def build(fn: Any, consts: dict, out: str) -> None:
         types = {n: "constexpr" if n in consts else ptr.get(n, "*i64") for n in fn.arg_names}
         types[{"colour": "out", "blur": "dst"}[fn.__name__]] = out
-        k = tcompile(ASTSource(fn, types, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        k = tcompile(
+            ASTSource(fn, types, consts),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": triton_aug.WARPS},
+        )
         assert k.asm["cubin"], consts
 
     blk = triton_aug.BLOCK

@@ -34,11 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# pixels per program, and warps: 4 pixels a thread. Compiled for sm_90 (Triton 3.8's ptxas, no GPU needed)
-# the colour kernel takes 76 registers a thread at 8 warps, so 3 programs fit an SM; at 4 warps it takes
-# 128. Not yet tuned on a GPU: benchmarks/aug_tune.py times the alternatives.
+# pixels per program, and warps: 8 pixels a thread. benchmarks/aug_tune.py times the alternatives; on an H100
+# (run 4, 2026-11-27; GPU ms per two-view batch of 256 at 224 px) 1024 x 4: 1.51, 512 x 4: 1.52, 1024 x 8
+# (the earlier default): 1.56, 2048 x 8: 1.63, 256 x 4: 1.74. At 224 px, compiled for sm_90a (Triton 3.8's
+# ptxas), 4 warps take 125-136 registers a thread in `colour` and 72 in `blur` (79/76/48 at 8 warps), no
+# spills.
 BLOCK = 1024
-WARPS = 8
+WARPS = 4
 
 _KERNELS: Any = None
 _ERROR = ""
