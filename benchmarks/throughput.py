@@ -57,8 +57,9 @@ RECIPE_IMAGES = 50_000
 RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
 LOADER_BACKENDS = (
-    "torchvision", "ffcv", "ffcv_once", "ffcv_triton", "dali", "dali_fused", "dali_twice", "cache",
-    "cache_graphed", "cache_triton", "cache_compiled", "cache_compiled_pointwise", "ffcv_compiled",
+    "torchvision", "ffcv", "ffcv_once", "ffcv_triton", "dali", "dali_fused", "dali_twice", "dali_device",
+    "dali_triton", "cache", "cache_graphed", "cache_triton", "cache_compiled", "cache_compiled_pointwise",
+    "ffcv_compiled",
 )  # fmt: skip
 # loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per sample
 # for both views (instead of once per view), dali with the fused instead of the exact colour jitter
@@ -66,6 +67,9 @@ LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "ffcv_once": ("ffcv", {"ffcv_decode": "once"}),
     "dali_fused": ("dali", {"dali_jitter": "fused"}),
     "dali_twice": ("dali", {"dali_decode": "twice"}),  # a cropped decode per view (the default: once)
+    # DALI decodes, crops, resizes and flips; the device finishes the views (torch ops, or triton_aug's)
+    "dali_device": ("dali", {"dali_jitter": "device"}),
+    "dali_triton": ("dali", {"dali_jitter": "device", "aug_kernel": "triton"}),
     "cache_in_loader": ("cache", {"aug_in_step": "false"}),
     "cache_graphed": ("cache", {}),  # loaders: the views replayed from a CUDA graph (GPU only)
     "cache_compiled": ("cache", {"compile_aug": "true"}),  # ... and their pixel work torch.compiled
@@ -78,19 +82,23 @@ LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 }
 COMPILED_ROWS = ("cache_compiled", "cache_compiled_pointwise", "ffcv_compiled")  # need --compile
 GRAPHED_ROWS = ("cache_graphed", "cache_compiled", "cache_compiled_pointwise", "cache_triton")
-GPU_ROWS = (*GRAPHED_ROWS, *COMPILED_ROWS, "ffcv_triton")  # skipped without a CUDA GPU
+GPU_ROWS = (*GRAPHED_ROWS, *COMPILED_ROWS, "ffcv_triton", "dali_triton")  # skipped without a CUDA GPU
 # end to end, `cache` renders the views inside the training step (its CUDA graph on a GPU, the default);
 # `cache_in_loader` renders them in the loader, as the loaders section's `cache` row times it
 E2E_BACKENDS = (
     *(b for b in LOADER_BACKENDS if b not in GPU_ROWS),  # --compile compiles them all
     "cache_in_loader",
     "cache_triton",
+    "dali_triton",
 )
 
 
 def _loader_variant(name: str) -> tuple[str, dict[str, str]]:
-    """(data.backend, the data.* settings it overrides) of a loader row."""
-    return LOADER_VARIANTS.get(name, (name, {}))
+    """(data.backend, the data.* settings it overrides) of a loader row. A row that names no
+    `aug_kernel` is the torch form (`data.aug_kernel` defaults to auto, i.e. Triton on a GPU), so each
+    row times what its name says on every device."""
+    backend, settings = LOADER_VARIANTS.get(name, (name, {}))
+    return backend, {"aug_kernel": "torch", **settings}
 
 
 SECTIONS = ("loaders", "steps", "e2e")

@@ -26,6 +26,35 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
 
 
 @pytest.fixture
+def one_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread for the test (restored after): batches in the loader and augmentation tests
+    are tiny, and on a shared 2-core box OpenMP contention costs more than threads buy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def triton_child():  # type: ignore[no-untyped-def]
+    """run(code, *args) -> dict: `code` in a fresh Python with TRITON_INTERPRET=1 and no visible GPU
+    (Triton reads that switch at its first import), returning the JSON the child prints after `RESULT `."""
+    import json
+    import os
+    import subprocess
+
+    def run(code: str, *args: str) -> dict:
+        env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+        cmd = [sys.executable, "-c", code, *args]
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        assert p.returncode == 0 and line, p.stderr[-3000:]
+        return json.loads(line[len("RESULT ") :])
+
+    return run
+
+
+@pytest.fixture
 def replay_views():  # type: ignore[no-untyped-def]
     """replay(deferred, step, batch, strict): seed a deferred cache loader's generator on the host for
     `batch`, then run the captured `step` on its indices; with `strict`, a host sync inside is an error."""

@@ -14,13 +14,7 @@ from fastvpd.data.spec import ColorJitter, GaussianBlur, ResizeCenterCrop, ViewS
 TOL = 2e-5  # float32 rounding: everything below is evaluated at the same precision as torchvision
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Batches here are tiny: one intra-op thread avoids OpenMP contention on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(seed: int = 0) -> list[torch.Tensor]:

@@ -18,19 +18,23 @@ from fastvpd.data.manifest import Manifest
 RES = 16
 BS = 64
 BACKENDS = ["cache", "ffcv", "dali", "torchvision"]
+# loader rows that are a backend with other data.* settings: DALI with a cropped decode per view, and with
+# `dali_jitter=device` (DALI crops and flips; the photometric ops on the loader's device, by the torch ops
+# (numba on a CPU) or, `dali_triton`, by the Triton kernels)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "dali_twice": ("dali", {"dali_decode": "twice"}),
+    "dali_device": ("dali", {"dali_jitter": "device", "aug_kernel": "torch"}),
+    "dali_triton": ("dali", {"dali_jitter": "device", "aug_kernel": "triton"}),
+}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Batches here are tiny: one intra-op thread avoids OpenMP contention on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(root: Path, backend: str) -> DataConfig:
-    return DataConfig(root=str(root), backend=backend, workers=2)
+    """The data config of a backend or a VARIANTS row."""
+    base, settings = VARIANTS.get(backend, (backend, {}))
+    return DataConfig(root=str(root), backend=base, workers=2, **settings)
 
 
 def _labels(root: Path, split: str) -> np.ndarray:
@@ -51,7 +55,7 @@ def _check_batch(
     assert np.array_equal(labels[b.indices.cpu().numpy()], b.labels.cpu().numpy())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "dali_device"])
 def test_backend_train_contract(digits_converted: Path, backend: str) -> None:
     labels = _labels(digits_converted, "train")
     loader = build_loader(
@@ -72,18 +76,20 @@ def test_backend_train_contract(digits_converted: Path, backend: str) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", [*BACKENDS, "dali_twice"])
+@pytest.mark.parametrize("backend", [*BACKENDS, *VARIANTS])
 def test_backend_train_contract_on_gpu(digits_converted: Path, backend: str) -> None:
-    """On a GPU every backend hands over device views (DALI decodes with nvJPEG, `mixed`, a cropped decode
-    per sample or, `dali_twice`, a cropped decode per view; the cache sits in device memory), and the same
-    seed gives the same batches there too."""
+    """On a GPU every backend hands over device views (DALI decodes with nvJPEG, `mixed`, one whole decode
+    per sample or, `dali_twice`, a cropped decode per view; `dali_device` finishes DALI's uint8 crops with
+    the torch ops on the GPU, `dali_triton` with the Triton kernels; the cache sits in device memory), and
+    the same seed gives the same batches there too."""
     if backend.startswith(("ffcv", "dali")):
         pytest.importorskip("ffcv" if backend == "ffcv" else "nvidia.dali")
+    if backend == "dali_triton":
+        pytest.importorskip("triton")
     labels = _labels(digits_converted, "train")
 
     def first(n: int) -> list:
-        cfg = _cfg(digits_converted, backend.removesuffix("_twice"))
-        cfg.dali_decode = "twice" if backend == "dali_twice" else cfg.dali_decode
+        cfg = _cfg(digits_converted, backend)
         return list(
             itertools.islice(build_loader(cfg, moco_v2(RES), "train", BS, "cuda", torch.bfloat16, seed=0), n)
         )
@@ -96,7 +102,7 @@ def test_backend_train_contract_on_gpu(digits_converted: Path, backend: str) -> 
             torch.testing.assert_close(vx, vy, rtol=0, atol=1e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "dali_device"])
 def test_backend_eval_contract(digits_converted: Path, backend: str) -> None:
     labels = _labels(digits_converted, "val")
     loader = build_loader(
@@ -107,7 +113,7 @@ def test_backend_eval_contract(digits_converted: Path, backend: str) -> None:
     for b in batches:
         _check_batch(b, 1, None, torch.float32, labels)
     assert sorted(torch.cat([b.indices for b in batches]).tolist()) == list(range(len(labels)))
-    if backend != "dali":  # DALI reads in stored order too, but rank shards are contiguous
+    if not backend.startswith("dali"):  # DALI reads in stored order too, but rank shards are contiguous
         assert torch.equal(torch.cat([b.indices for b in batches]), torch.arange(len(labels)))
 
 
@@ -193,11 +199,13 @@ def test_cache_host_placement_matches_device(digits_converted: Path) -> None:
     assert len(views) == 2 and views[0].shape == (4, 3, RES, RES)
 
 
-def test_dali_same_seed_same_batches(digits_converted: Path) -> None:
-    cfg = _cfg(digits_converted, "dali")
+@pytest.mark.parametrize("backend", ["dali", "dali_device"])
+def test_dali_same_seed_same_batches(digits_converted: Path, backend: str) -> None:
+    cfg = _cfg(digits_converted, backend)
     a = next(iter(build_loader(cfg, moco_v2(RES), "train", BS, "cpu", seed=4)))
     b = next(iter(build_loader(cfg, moco_v2(RES), "train", BS, "cpu", seed=4)))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.views[0], b.views[0])
+    assert torch.equal(a.views[1], b.views[1])
 
 
 def test_measure_loader(digits_converted: Path) -> None:
@@ -286,16 +294,18 @@ def test_cache_views_in_step_are_the_loaders_views(digits_converted: Path) -> No
     assert next(iter(aa)).views  # still renders in the loader
 
 
-def test_ffcv_device_ops_equal_the_cpu_kernel(
-    digits_converted: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("backend", ["ffcv", "dali_device"])
+def test_device_finishing_ops_equal_the_cpu_kernel(
+    digits_converted: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
-    """The ffcv backend's torch finishing ops (what a GPU runs) render what its numba CPU kernel renders."""
+    """The ffcv backend's (and dali's `dali_jitter=device`) torch finishing ops (what a GPU runs) render
+    what its numba CPU kernel renders."""
     import fastvpd.data.gpu_aug as G
 
     if not G.CPU_KERNEL:
         pytest.skip("numba CPU kernel not available")
     loader = build_loader(
-        _cfg(digits_converted, "ffcv"), moco_v2(RES), "train", BS, "cpu", torch.float32, seed=4
+        _cfg(digits_converted, backend), moco_v2(RES), "train", BS, "cpu", torch.float32, seed=4
     )
     out = {}
     for kernel in (True, False):  # the same epoch twice (its batches are a function of (seed, epoch))
@@ -309,12 +319,13 @@ def test_ffcv_device_ops_equal_the_cpu_kernel(
             torch.testing.assert_close(vb, va, atol=1e-4, rtol=0)
 
 
-def test_ffcv_compiled_finishing_renders_the_same_views(
-    digits_converted: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("backend", ["ffcv", "dali_device"])
+def test_compiled_finishing_renders_the_same_views(
+    digits_converted: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
-    """data.compile_aug with the ffcv backend: its device finishing ops in their fixed-shape form through
-    torch.compile (its aot_eager backend here) render the views of the eager ops (on CPU their subset
-    form), batch for batch."""
+    """data.compile_aug with the ffcv backend (and dali's `dali_jitter=device`): its device finishing ops
+    in their fixed-shape form through torch.compile (its aot_eager backend here) render the views of the
+    eager ops (on CPU their subset form), batch for batch."""
     import fastvpd.data.gpu_aug as G
 
     monkeypatch.setattr(G, "CPU_KERNEL", False)  # the torch ops, as on a GPU
@@ -330,7 +341,8 @@ def test_ffcv_compiled_finishing_renders_the_same_views(
     torch._dynamo.reset()
     try:
         for flag in (False, True):
-            cfg = DataConfig(root=str(digits_converted), backend="ffcv", workers=2, compile_aug=flag)
+            cfg = _cfg(digits_converted, backend)
+            cfg.compile_aug = flag
             loader = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=4)
             loader.set_epoch(1)
             out[flag] = list(itertools.islice(loader, 2))

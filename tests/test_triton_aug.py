@@ -8,10 +8,7 @@ against the torch form, and replayed from a CUDA graph with no host sync.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,19 +114,8 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def interpreted(digits_converted: Path) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    p = subprocess.run(
-        [sys.executable, "-c", CHILD, str(digits_converted)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert p.returncode == 0 and line, p.stderr[-3000:]
-    return json.loads(line[len("RESULT ") :])
+def interpreted(digits_converted: Path, triton_child) -> dict:  # noqa: ANN001
+    return triton_child(CHILD, str(digits_converted))
 
 
 @pytest.mark.parametrize(

@@ -243,7 +243,7 @@ def build_loader(
             split,
             pin_host=bool(getattr(data_cfg, "pin_host_cache", True)),
             compile_aug=bool(getattr(data_cfg, "compile_aug", False)) and train,
-            aug_kernel=str(getattr(data_cfg, "aug_kernel", "torch")),
+            aug_kernel=str(getattr(data_cfg, "aug_kernel", "auto")),
             **common,
         )
     if backend == "ffcv":
@@ -251,7 +251,7 @@ def build_loader(
 
         decode = str(getattr(data_cfg, "ffcv_decode", "twice"))
         compile_aug = bool(getattr(data_cfg, "compile_aug", False)) and train
-        kernel = str(getattr(data_cfg, "aug_kernel", "torch"))
+        kernel = str(getattr(data_cfg, "aug_kernel", "auto"))
         return FFCVLoader(
             manifest, split, workers=workers, decode=decode, compile_aug=compile_aug, aug_kernel=kernel,
             **common,
@@ -261,7 +261,12 @@ def build_loader(
 
         jitter = str(getattr(data_cfg, "dali_jitter", "exact"))
         decode = str(getattr(data_cfg, "dali_decode", "once"))
-        return DALILoader(manifest, split, workers=workers, jitter=jitter, decode=decode, **common)
+        compile_aug = bool(getattr(data_cfg, "compile_aug", False)) and train
+        kernel = str(getattr(data_cfg, "aug_kernel", "auto"))
+        return DALILoader(
+            manifest, split, workers=workers, jitter=jitter, decode=decode, compile_aug=compile_aug,
+            aug_kernel=kernel, **common,
+        )  # fmt: skip
     from fastvpd.data.torchvision import TorchvisionLoader
 
     return TorchvisionLoader(manifest, split, workers=workers, **common)

@@ -1,20 +1,39 @@
-"""The `dali` backend: the whole spec inside an NVIDIA DALI pipeline over the WebDataset shards.
+"""The `dali` backend: NVIDIA DALI pipelines over the WebDataset shards, in one of three renderings
+(`data.dali_jitter`): the whole spec inside DALI (`exact`, `fused`), or only its geometry (`device`).
 
-Rendering of the AugSpec (per view, all draws per sample by DALI's seeded random operators):
-decoders.image_random_crop (area/ratio/10 attempts = torchvision RRC) -> resize -> [autoaugment] ->
-colour jitter with prob p -> grayscale with prob grayscale_p -> gaussian_blur (sigma ~ U, a delta kernel
-when off) -> crop_mirror_normalize (flip, mean/std). Decoding is "mixed" (nvJPEG) on a GPU, "cpu"
-otherwise. Output layout is HWC so the torch view is channels-last NCHW without a copy.
+Geometry of a view (every mode; all draws per sample by DALI's seeded random operators):
+decoders.image_random_crop or random_resized_crop (area/ratio/10 attempts = torchvision RRC) and resize
+to res (eval views: the shorter side to `resize`) -> [photometric ops, `exact`/`fused` only] ->
+crop_mirror_normalize (flip with hflip_p, the eval views' centre crop, mean/std). Decoding is "mixed"
+(nvJPEG) on a GPU, "cpu" otherwise. Output layout is HWC, so the torch view is channels-last NCHW
+without a copy.
 
-Colour jitter follows torchvision's ColorJitter per sample by default (`data.dali_jitter=exact`): the
-image goes to float [0, 1], four uniform keys per sample give a random order of the four ops, and DALI
-conditionals (`enable_conditionals=True`) route each sample through the ops in its order: brightness
-x*f, contrast blend with the mean of the image's grayscale, saturation blend with the pixel's grayscale
-(ITU-R 601 weights, as torchvision), hue as torchvision's exact rgb->hsv->shift->rgb written in DALI
-arithmetic (DALI's fn.hue/fn.hsv are a linear approximation), each clamped to [0, 1].
-`data.dali_jitter=fused` keeps the older, cheaper rendering, one fn.color_twist (fixed order, contrast
-pivot at mid-grey, linear hue): on 2 CPU cores it is 2.8x faster at 96 px and 8.8x at 32 px. Ten-crop
-eval is not rendered here (use cache or torchvision).
+`exact` (default) and `fused` render the rest in DALI, between the crop and crop_mirror_normalize:
+[autoaugment] -> colour jitter with prob p -> grayscale with prob grayscale_p -> gaussian_blur (sigma ~ U,
+a delta kernel when off). `exact` follows torchvision's ColorJitter per sample: the image goes to float
+[0, 1], four uniform keys per sample give a random order of the four ops, and DALI conditionals
+(`enable_conditionals=True`) route each sample through the ops in its order: brightness x*f, contrast
+blend with the mean of the image's grayscale, saturation blend with the pixel's grayscale (ITU-R 601
+weights, as torchvision), hue as torchvision's exact rgb->hsv->shift->rgb written in DALI arithmetic
+(DALI's fn.hue/fn.hsv are a linear approximation), each clamped to [0, 1]. That is hundreds of small
+DALI operators per batch (hue alone 72), so DALI's executor is launch-bound: on an H100 this ran 802
+two-view samples/s at 224 px (batch 256: 319 ms a batch, 25 ms of it GPU time, the host 16% busy).
+`fused` is the older, cheaper rendering, one fn.color_twist (fixed order, contrast pivot at mid-grey,
+linear hue): on 2 CPU cores it is 2.8x faster at 96 px and 8.8x at 32 px.
+
+`device` renders the photometric half as the ffcv backend does: DALI decodes, crops, resizes and flips
+into uint8 (crop_mirror_normalize with dtype UINT8, no normalisation; the same random operators, in the
+same order, as a view with no photometric ops in the other modes, so with none in the spec its crops and
+flips are `exact` mode's), and the loader's device finishes each view with `gpu_aug.ViewFinisher`:
+jitter, grayscale, blur, normalise with torchvision's formulas and `gpu_aug.sample_photometric`'s draws
+(a torch generator on the device, seeded per batch from `step_seed`, so resume is exact), by the numba
+kernel on CPU, and on a GPU by triton_aug's kernels (`data.aug_kernel=triton`, or `auto` where Triton
+loads; only this mode takes them) or the torch ops (`data.compile_aug`: through torch.compile);
+AutoAugment views run torchvision's AutoAugment eagerly on the device first.
+On 2 CPU cores (1024 synthetic ImageNet-like JPEGs, batch 64, 2 DALI threads, 2 torch threads, three
+interleaved rounds) `exact` / `fused` / `device` fed 37.1-38.4 / 65.0-72.7 / 155-191 two-view samples/s
+at 224 px and 119-131 / 338-349 / 442-542 at 96 px. Not yet timed on a GPU. Ten-crop eval is not
+rendered here (use cache or torchvision).
 
 Decoding (`data.dali_decode`): `once` (default) decodes each JPEG whole, once, and cuts every view from
 it with `random_resized_crop` (same area/ratio sampler and fallback as the cropped decoder); `twice`
@@ -41,12 +60,14 @@ import torch
 
 from fastvpd.config import UserError
 from fastvpd.data import Batch, LoaderBase, mix_seed, num_batches
+from fastvpd.data import gpu_aug as G
 from fastvpd.data.spec import AugSpec, ColorJitter, RandomResizedCrop, ResizeCenterCrop, ViewSpec
 
 INSTALL_HINT = "pip install -e '.[dali]'"
 SHUFFLE_BUFFER = 16384  # samples held for DALI's shuffle (encoded JPEGs in host memory)
-# colour-jitter renderings: "exact" (torchvision's per-sample op order and ops) or "fused" (one color_twist)
-JITTER_MODES = ("exact", "fused")
+# colour-jitter renderings: "exact" (torchvision's per-sample op order and ops), "fused" (one color_twist),
+# or "device" (DALI only crops and flips; the loader's device renders the photometric ops, as ffcv's)
+JITTER_MODES = ("exact", "fused", "device")
 # random-crop views: "twice" (one cropped decode per view, fn.decoders.image_random_crop) or "once" (one
 # full decode per sample, each view's crop and resize by fn.random_resized_crop on the decoded image)
 DECODE_MODES = ("once", "twice")
@@ -187,17 +208,15 @@ def jitter_torchvision(img: Any, ranges: list[tuple[float, float]], p: float, op
     return img
 
 
-def _render_view(
-    jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str, jitter: str = "exact", decoded: Any = None
-) -> Any:
-    """DALI graph of one view (called inside the pipeline definition); `decoded`: the whole images,
-    already decoded (`data.dali_decode=once`), to cut this view from instead of decoding its own."""
+def _crop(jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str, decoded: Any = None) -> Any:
+    """The view's decode + crop + resize (uint8 HWC; eval views still need their centre crop, which
+    `_mirror_crop` takes); `decoded`: the whole images, already decoded (`data.dali_decode=once`), to cut
+    this view from instead of decoding its own."""
     from nvidia.dali import fn, types
 
-    f32 = types.FLOAT
     res = view.res
     if isinstance(view.crop, RandomResizedCrop) and decoded is not None:
-        img = fn.random_resized_crop(
+        return fn.random_resized_crop(
             decoded,
             device=op_dev,
             size=[res, res],
@@ -206,7 +225,7 @@ def _render_view(
             num_attempts=10,
             interp_type=types.INTERP_LINEAR,
         )
-    elif isinstance(view.crop, RandomResizedCrop):
+    if isinstance(view.crop, RandomResizedCrop):
         img = fn.decoders.image_random_crop(
             jpegs,
             device=decode_dev,
@@ -215,13 +234,39 @@ def _render_view(
             random_aspect_ratio=list(view.crop.ratio),
             num_attempts=10,
         )
-        img = fn.resize(img, device=op_dev, resize_x=res, resize_y=res, interp_type=types.INTERP_LINEAR)
-    else:
-        if decoded is None:
-            decoded = fn.decoders.image(jpegs, device=decode_dev, output_type=types.RGB)
-        img = fn.resize(
-            decoded, device=op_dev, resize_shorter=view.crop.resize, interp_type=types.INTERP_LINEAR
-        )
+        return fn.resize(img, device=op_dev, resize_x=res, resize_y=res, interp_type=types.INTERP_LINEAR)
+    if decoded is None:
+        decoded = fn.decoders.image(jpegs, device=decode_dev, output_type=types.RGB)
+    return fn.resize(decoded, device=op_dev, resize_shorter=view.crop.resize, interp_type=types.INTERP_LINEAR)
+
+
+def _mirror_crop(img: Any, view: ViewSpec, op_dev: str, dtype: Any, mean: Any = 0.0, std: Any = 1.0) -> Any:
+    """The view's last op, crop_mirror_normalize: the flip (a coin per sample with hflip_p), the eval
+    views' centre crop, (x - mean) / std into `dtype`, HWC out."""
+    from nvidia.dali import fn
+
+    kw: dict[str, Any] = {}
+    if isinstance(view.crop, ResizeCenterCrop):
+        kw = {"crop": (view.res, view.res), "crop_pos_x": 0.5, "crop_pos_y": 0.5}
+    mirror = fn.random.coin_flip(probability=view.hflip_p) if view.hflip_p > 0 else 0
+    return fn.crop_mirror_normalize(
+        img, device=op_dev, dtype=dtype, output_layout="HWC", mean=mean, std=std, mirror=mirror, **kw
+    )
+
+
+def _render_view(
+    jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str, jitter: str = "exact", decoded: Any = None
+) -> Any:
+    """DALI graph of one view (called inside the pipeline definition): the whole view, normalised float
+    HWC, or with `jitter="device"` only its geometry, uint8 HWC (the loader finishes it on the device).
+    `decoded`: see `_crop`."""
+    from nvidia.dali import fn, types
+
+    img = _crop(jpegs, view, decode_dev, op_dev, decoded)
+    if jitter == "device":  # the same random ops in the same order as a view with no photometric ops
+        return _mirror_crop(img, view, op_dev, types.UINT8)
+    f32 = types.FLOAT
+    res = view.res
     if view.autoaugment:
         from nvidia.dali.auto_aug import auto_augment
 
@@ -265,20 +310,8 @@ def _render_view(
         img = fn.gaussian_blur(
             img, device=op_dev, sigma=on * sigma + (1.0 - on) * 1e-3, window_size=view.blur.kernel_size(res)
         )
-    kw: dict[str, Any] = {}
-    if isinstance(view.crop, ResizeCenterCrop):
-        kw = {"crop": (res, res), "crop_pos_x": 0.5, "crop_pos_y": 0.5}
-    mirror = fn.random.coin_flip(probability=view.hflip_p) if view.hflip_p > 0 else 0
-    return fn.crop_mirror_normalize(
-        img,
-        device=op_dev,
-        dtype=f32,
-        output_layout="HWC",
-        mean=[scale * m for m in view.normalize.mean],
-        std=[scale * s for s in view.normalize.std],
-        mirror=mirror,
-        **kw,
-    )
+    mean = [scale * m for m in view.normalize.mean]
+    return _mirror_crop(img, view, op_dev, f32, mean, [scale * s for s in view.normalize.std])
 
 
 class DALILoader(LoaderBase):
@@ -299,10 +332,17 @@ class DALILoader(LoaderBase):
         workers: int = 0,
         jitter: str = "exact",
         decode: str = "once",
+        compile_aug: bool = False,
+        aug_kernel: str = "torch",
     ) -> None:
         _import_dali()
         if jitter not in JITTER_MODES:
             raise UserError(f"data.dali_jitter={jitter!r} is not one of {', '.join(JITTER_MODES)}")
+        if aug_kernel == "triton" and jitter != "device":  # `auto` falls back to DALI's own rendering
+            raise UserError(
+                f"data.aug_kernel=triton with data.backend=dali needs data.dali_jitter=device "
+                f"(got {jitter}: DALI renders that whole view itself)"
+            )
         if decode not in DECODE_MODES:
             raise UserError(f"data.dali_decode={decode!r} is not one of {', '.join(DECODE_MODES)}")
         self.jitter, self.decode = jitter, decode
@@ -325,6 +365,12 @@ class DALILoader(LoaderBase):
             self._per_rank = (rank + 1) * n // world_size - rank * n // world_size
         self.workers = workers if workers > 0 else max(1, torch.get_num_threads())
         self._pipe: Any = None
+        # data.dali_jitter=device: DALI hands over uint8 crops; jitter, grayscale, blur, normalise (and
+        # AutoAugment) run here on the loader's device, as the ffcv backend does it
+        self._finisher = None
+        if jitter == "device":
+            self._finisher = G.ViewFinisher(spec.views, self.device, dtype, compile_aug, aug_kernel)
+            self.gen = self._finisher.gen
 
     def _build(self, epoch: int) -> Any:
         from nvidia.dali import fn, pipeline_def, types
@@ -346,9 +392,8 @@ class DALILoader(LoaderBase):
             num_threads=self.workers,
             device_id=self.device.index if cuda else None,
             seed=pseed,
-            enable_conditionals=any(
-                v.autoaugment or (v.jitter is not None and self.jitter == "exact") for v in spec.views
-            ),
+            enable_conditionals=self.jitter != "device"
+            and any(v.autoaugment or (v.jitter is not None and self.jitter == "exact") for v in spec.views),
             exec_dynamic=True,
         )
         def pipe() -> Any:
@@ -377,13 +422,19 @@ class DALILoader(LoaderBase):
         return p
 
     def _to_torch(self, tl: Any) -> torch.Tensor:
+        """A DALI HWC batch as [B, 3, R, R] channels-last: the loader's dtype, or with
+        `data.dali_jitter=device` DALI's uint8 itself (NHWC memory, no copy past the one out of DALI)."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         t = tl.as_tensor()
-        out = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+        raw = torch.uint8 if self._finisher is not None else torch.float32
+        out = torch.empty(t.shape(), dtype=raw, device=self.device)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(t, out, cuda_stream=stream)
-        return out.permute(0, 3, 1, 2).to(dtype=self.dtype, memory_format=torch.channels_last)
+        out = out.permute(0, 3, 1, 2)
+        if self._finisher is not None:
+            return out
+        return out.to(dtype=self.dtype, memory_format=torch.channels_last)
 
     @staticmethod
     def _parse_cls(cls: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -413,7 +464,14 @@ class DALILoader(LoaderBase):
             idx = torch.from_numpy(indices).to(self.device, non_blocking=True)
             if keep is not None and keep < self.batch_size:  # eval: drop DALI's padding of the last batch
                 views, lab, idx = [v[:keep] for v in views], lab[:keep], idx[:keep]
+            if self._finisher is not None:  # the batch's draws from its own seed, as the ffcv backend
+                views = self._finisher(views, self.step_seed(step))
             yield Batch(views, lab, idx)
 
     def __len__(self) -> int:
         return num_batches(self._per_rank, self.batch_size, self.train)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._finisher is None:
+            return super().state_dict()
+        return {**super().state_dict(), "generator": self.gen.get_state()}

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from fastvpd.config import UserError
-from fastvpd.data import Batch, LoaderBase, mix_seed, torch_threads_kept, triton_aug
+from fastvpd.data import Batch, LoaderBase, mix_seed, torch_threads_kept
 from fastvpd.data import gpu_aug as G
-from fastvpd.data.spec import AugSpec, ResizeCenterCrop, ViewSpec
+from fastvpd.data.spec import AugSpec, ResizeCenterCrop
 
 INSTALL_HINT = "pip install -e '.[ffcv]'"
 
@@ -177,24 +177,6 @@ def _decode_groups(spec: AugSpec, decode: str) -> list[list[int]]:
     return list(groups.values())
 
 
-def finish_view(
-    x: torch.Tensor,
-    view: ViewSpec,
-    p: G.Photometric,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    dtype: torch.dtype,
-    consts: G._Consts,
-    subset: bool | None = None,
-) -> torch.Tensor:
-    """One decoded uint8 view [B, 3, R, R] finished on the device: jitter, grayscale, blur, normalise,
-    `dtype` channels-last out. With `subset=False` (fixed shapes, no draws inside) `torch.compile` can
-    fuse it whole; None is the device's default form (`G.photometric`). The float copy also takes the
-    pixels out of FFCV's ring buffer, which it reuses `batches_ahead` later."""
-    x = x.to(torch.float32, memory_format=torch.channels_last).div_(255.0)
-    return G.photometric(x, view, p, subset, mean, std, dtype, consts)
-
-
 class FFCVLoader(LoaderBase):
     """ffcv.loader.Loader over OUT/<split>/<split>.beton, finished on the device by gpu_aug."""
 
@@ -305,22 +287,9 @@ class FFCVLoader(LoaderBase):
             ) from None
         # FFCV yields outputs in pipeline order: the beton's fields first, then the extra views
         self._names = list(self.loader.pipeline_specs)
-        self._norm = [
-            (torch.tensor(v.normalize.mean, device=dev), torch.tensor(v.normalize.std, device=dev))
-            for v in spec.views
-        ]
-        self.gen = torch.Generator(device=dev)
-        self._consts = G._Consts.make(dev)
-        # data.compile_aug: the fixed-shape finishing work through torch.compile, as the cache backend's
-        # pixel work (the draws stay eager, so the pixels come from the same parameters)
-        self._finish = torch.compile(finish_view, dynamic=False) if compile_aug else finish_view
-        self._subset = False if compile_aug else None
-        # data.aug_kernel=triton: the fixed-shape views by triton_aug's kernels, read from FFCV's buffer
-        self._triton = aug_kernel == "triton"
-        if self._triton:
-            why = triton_aug.unavailable(dev)
-            if why:
-                raise UserError(why)
+        # jitter, grayscale, blur, normalise on the device, reading the views from FFCV's buffer
+        self._finisher = G.ViewFinisher(spec.views, dev, dtype, compile_aug, aug_kernel)
+        self.gen = self._finisher.gen
 
     def _images(self, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """uint8 [B, 3, R, R] channels-last views (NHWC memory), slices of the decoders' [B, V, R, R, 3]."""
@@ -332,35 +301,7 @@ class FFCVLoader(LoaderBase):
         for k, out in enumerate(self.loader):
             named = dict(zip(self._names, out))
             images = self._images(named)
-            self.gen.manual_seed(self.step_seed(self.start_step + k))
-            if not self._triton and G.cpu_kernel_ok(self.device, self.spec.views):
-                # CPU: one fused pass per sample (numba); draws as below. It copies out of FFCV's buffer.
-                params = [
-                    G.sample_photometric(view, x.shape[0], self.gen, self.device)
-                    for view, x in zip(self.spec.views, images)
-                ]
-                views = G.render_cpu_images(images, list(self.spec.views), params, self._norm, self.dtype)
-                labels = named["label"].to(torch.int64, copy=True)
-                indices = named["index"].to(torch.int64, copy=True)
-                yield Batch(views, labels, indices)
-                continue
-            views = []
-            for vi, view in enumerate(self.spec.views):
-                # the float copy leaves FFCV's ring buffer, which it reuses batches_ahead later
-                mean, std = self._norm[vi]
-                if view.autoaugment:  # data-dependent: eager
-                    x = images[vi].to(torch.float32, memory_format=torch.channels_last).div_(255.0)
-                    x = G.autoaugment_(x, self.step_seed(self.start_step + k) + vi)
-                    ph = G.sample_photometric(view, x.shape[0], self.gen, self.device)
-                    views.append(G.photometric(x, view, ph, mean=mean, std=std, dtype=self.dtype))
-                    continue
-                ph = G.sample_photometric(view, images[vi].shape[0], self.gen, self.device)
-                if self._triton:
-                    views.append(triton_aug.render_images(images[vi], view, ph, mean, std, self.dtype))
-                    continue
-                views.append(
-                    self._finish(images[vi], view, ph, mean, std, self.dtype, self._consts, self._subset)
-                )
+            views = self._finisher(images, self.step_seed(self.start_step + k))
             labels = named["label"].to(torch.int64, copy=True)
             indices = named["index"].to(torch.int64, copy=True)
             yield Batch(views, labels, indices)

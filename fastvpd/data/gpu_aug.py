@@ -722,11 +722,8 @@ class PixelAugmenter:
     ) -> None:
         self.spec = spec
         self._pixels_fn = torch.compile(render_pixels, dynamic=False) if compile else render_pixels
-        self.triton = kernel == "triton"  # the fixed-shape views by `triton_aug` (compile is then unused)
-        if self.triton:
-            why = triton_aug.unavailable(pixels.device)
-            if why:
-                raise UserError(why)
+        # the fixed-shape views by `triton_aug` (compile is then unused): `triton`, or `auto` on a GPU
+        self.triton = use_triton(kernel, pixels.device)
         self.pixels, self.offsets, self.heights, self.widths = pixels, offsets, heights, widths
         self.dtype = dtype
         self.gen = generator
@@ -1144,3 +1141,92 @@ def render_cpu(
         for f in [_pool(threads).submit(_render_rows, *a, lo, hi) for a, lo, hi in tasks]:
             f.result()
     return [o.permute(0, 3, 1, 2).to(dtype=dtype, memory_format=torch.channels_last) for o in outs]
+
+
+# ------------------------------------------------------------------- finishing host-cropped uint8 views
+def finish_view(
+    x: Tensor,
+    view: ViewSpec,
+    p: Photometric,
+    mean: Tensor,
+    std: Tensor,
+    dtype: torch.dtype,
+    consts: _Consts,
+    subset: bool | None = None,
+) -> Tensor:
+    """One decoded uint8 view [B, 3, R, R] finished on the device: jitter, grayscale, blur, normalise,
+    `dtype` channels-last out. With `subset=False` (fixed shapes, no draws inside) `torch.compile` can
+    fuse it whole; None is the device's default form (`photometric`). The float copy also takes the
+    pixels out of the decoder's buffer (FFCV reuses its ring buffer `batches_ahead` later)."""
+    x = x.to(torch.float32, memory_format=torch.channels_last).div_(255.0)
+    return photometric(x, view, p, subset, mean, std, dtype, consts)
+
+
+def use_triton(aug_kernel: str, device: torch.device) -> bool:
+    """Whether `data.aug_kernel` picks triton_aug's kernels on `device`: `triton` (a UserError where they
+    cannot run), or `auto` on a CUDA device where Triton loads; `torch` never."""
+    if aug_kernel == "auto":
+        return device.type == "cuda" and not triton_aug.unavailable(device)
+    if aug_kernel != "triton":
+        return False
+    why = triton_aug.unavailable(device)
+    if why:
+        raise UserError(why)
+    return True
+
+
+class ViewFinisher:
+    """The photometric half of the views a host decoder has cropped and flipped (the ffcv backend; dali
+    with `data.dali_jitter=device`): uint8 [B, 3, R, R] views with NHWC memory in, each finished with
+    jitter, grayscale, blur and normalise into `dtype` channels-last, with the cache backend's draws and
+    ops: on CPU the numba kernel (`render_cpu_images`), with `aug_kernel="triton"` triton_aug's kernels,
+    else `finish_view` (through torch.compile with `compile_aug`); AutoAugment views eagerly first.
+
+    `__call__(images, seed)` reseeds `gen` with the batch's seed, so a batch's draws are a function of
+    that seed alone (resume at any step is exact)."""
+
+    def __init__(
+        self,
+        views: tuple[ViewSpec, ...] | list[ViewSpec],
+        device: torch.device,
+        dtype: torch.dtype,
+        compile_aug: bool = False,
+        aug_kernel: str = "torch",
+    ) -> None:
+        self.views = list(views)
+        self.device, self.dtype = device, dtype
+        self.norms = [
+            (torch.tensor(v.normalize.mean, device=device), torch.tensor(v.normalize.std, device=device))
+            for v in self.views
+        ]
+        self.gen = torch.Generator(device=device)
+        self.consts = _Consts.make(device)
+        # data.compile_aug: the fixed-shape finishing work through torch.compile, as the cache backend's
+        # pixel work (the draws stay eager, so the pixels come from the same parameters)
+        self.finish = torch.compile(finish_view, dynamic=False) if compile_aug else finish_view
+        self.subset = False if compile_aug else None
+        # data.aug_kernel=triton: the fixed-shape views by triton_aug's kernels, read where they lie
+        self.triton = use_triton(aug_kernel, device)
+
+    def __call__(self, images: list[Tensor], seed: int) -> list[Tensor]:
+        self.gen.manual_seed(seed)
+        if not self.triton and cpu_kernel_ok(self.device, self.views):
+            # CPU: one fused pass per sample (numba); the draws as below. It copies out of the buffer.
+            b = [x.shape[0] for x in images]
+            params = [sample_photometric(v, n, self.gen, self.device) for v, n in zip(self.views, b)]
+            return render_cpu_images(images, self.views, params, self.norms, self.dtype)
+        out = []
+        for vi, (view, x) in enumerate(zip(self.views, images)):
+            mean, std = self.norms[vi]
+            if view.autoaugment:  # data-dependent: eager
+                xf = x.to(torch.float32, memory_format=torch.channels_last).div_(255.0)
+                xf = autoaugment_(xf, seed + vi)
+                ph = sample_photometric(view, x.shape[0], self.gen, self.device)
+                out.append(photometric(xf, view, ph, None, mean, std, self.dtype, self.consts))
+                continue
+            ph = sample_photometric(view, x.shape[0], self.gen, self.device)
+            if self.triton:
+                out.append(triton_aug.render_images(x, view, ph, mean, std, self.dtype))
+                continue
+            out.append(self.finish(x, view, ph, mean, std, self.dtype, self.consts, self.subset))
+        return out
