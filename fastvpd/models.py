@@ -432,17 +432,6 @@ class PaddedStemConv(nn.Conv2d):
 
     channels: int = 3
 
-    @classmethod
-    def wrap(cls, conv: nn.Conv2d, channels: int) -> PaddedStemConv:
-        """`conv` as a PaddedStemConv holding the very same Parameter objects (optimizers keep them)."""
-        new = cls.__new__(cls)
-        new.__dict__.update(conv.__dict__)
-        new._parameters = dict(conv._parameters)
-        new._buffers = dict(conv._buffers)
-        new._modules = dict(conv._modules)
-        new.channels = channels
-        return new
-
     def forward(self, x: Tensor) -> Tensor:
         extra = self.channels - x.shape[1]
         if extra <= 0:
@@ -463,14 +452,12 @@ def pad_stem(model: nn.Module, channels: int) -> int:
         raise ConfigError(f"model.stem_channels={channels} must be at least 3 (the image's channels)")
     if channels == 3:
         return 0
-    nets = [m for m in model.modules() if isinstance(m, ResNet)]
-    for net in nets:
-        conv = net.conv1
-        if isinstance(conv, PaddedStemConv):
-            conv.channels = channels
-        elif isinstance(conv, nn.Conv2d) and conv.in_channels == 3 and conv.groups == 1:
-            net.conv1 = PaddedStemConv.wrap(conv, channels)
-    return len(nets)
+    stems = [m.conv1 for m in model.modules() if isinstance(m, ResNet)]
+    stems = [c for c in stems if isinstance(c, nn.Conv2d) and c.in_channels == 3 and c.groups == 1]
+    for conv in stems:  # the module itself becomes a PaddedStemConv: parameters, hooks, optimizers kept
+        conv.__class__ = PaddedStemConv
+        conv.channels = channels
+    return len(stems)
 
 
 def backbone_state_for_torchvision(backbone: nn.Module, num_classes: int | None = None) -> dict[str, Tensor]:

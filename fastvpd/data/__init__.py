@@ -128,6 +128,8 @@ def num_batches(per_rank: int, batch_size: int, train: bool) -> int:
 class LoaderBase:
     """Shared epoch/rank/resume bookkeeping; subclasses implement `_iter(order_from_start_step)`."""
 
+    gen: torch.Generator | None = None  # the augmentation's generator (cache, ffcv, dali device mode)
+
     def __init__(
         self,
         spec: AugSpec,
@@ -186,11 +188,17 @@ class LoaderBase:
         return mix_seed(self.seed, self.epoch, self.rank, step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "start_step": self.start_step, "rank": self.rank}
+        state = {"seed": self.seed, "epoch": self.epoch, "start_step": self.start_step, "rank": self.rank}
+        if self.gen is not None:  # the augmentation's generator, where the loader draws from one
+            state["generator"] = self.gen.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
         self.set_epoch(int(state["epoch"]), int(state.get("start_step", 0)))
+        if self.gen is not None and "generator" in state:
+            g = state["generator"]
+            self.gen.set_state(g.cpu() if hasattr(g, "cpu") else g)
 
     def __iter__(self) -> Iterator[Batch]:
         raise NotImplementedError

@@ -186,16 +186,6 @@ class CacheLoader(LoaderBase):
         """Generators the augmentation draws from (to register with a CUDA graph that captures it)."""
         return [self.gen]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        if "generator" in state:
-            self.gen.set_state(
-                state["generator"].cpu() if hasattr(state["generator"], "cpu") else state["generator"]
-            )
-
     # ------------------------------------------------------------------------------------------ iterate
     def __iter__(self) -> Iterator[Batch]:
         order = self.order()

@@ -470,8 +470,3 @@ class DALILoader(LoaderBase):
 
     def __len__(self) -> int:
         return num_batches(self._per_rank, self.batch_size, self.train)
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._finisher is None:
-            return super().state_dict()
-        return {**super().state_dict(), "generator": self.gen.get_state()}

@@ -305,6 +305,3 @@ class FFCVLoader(LoaderBase):
             labels = named["label"].to(torch.int64, copy=True)
             indices = named["index"].to(torch.int64, copy=True)
             yield Batch(views, labels, indices)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator": self.gen.get_state()}
