@@ -294,6 +294,10 @@ class Rung:
     build: Callable[[], Callable[[], Any]] | None
     skip_reason: str = ""
     warmup_extra: int = 0  # GraphedStep needs its own warm-up + capture before timing
+    # build(rows) instead: the rows measured so far in this ladder (a rung that picks from earlier ones;
+    # it raises Skip when there is nothing to pick), and the row's note, set by build
+    uses_rows: bool = False
+    note: str = ""
 
 
 def synthetic_views(
@@ -367,18 +371,18 @@ def _package_rung(
     precision: Any = None,
     inductor: dict[str, Any] | None = None,
     overlap: bool = False,
-    stem: int = 3,
+    stem: tuple[int, str] = (3, "direct"),
 ) -> Callable[[], Any]:
     """The package's MoCo step; `inductor`: torch._inductor.config settings its compile runs under;
     `overlap`: the key encoder on a second CUDA stream (moco.overlap_key); `stem`: the stem's input
-    channels (model.stem_channels: the image zero-padded to them)."""
+    channels and form (model.stem_channels, model.stem_impl)."""
     step_mod = _require("fastvpd.step", "fastvpd.step")
     from fastvpd.config import OptimConfig
     from fastvpd.optim import build_sgd
 
     oc = OptimConfig()
     model = _moco_model(opts, device, split_bn)
-    _require("fastvpd.models", "fastvpd.models").pad_stem(model, stem)
+    _require("fastvpd.models", "fastvpd.models").adapt_stem(model, *stem)
     model = model.to(memory_format=torch.channels_last)
     if compiled:
         # Dynamo would reuse an earlier rung's compiled code for these new modules (it does not guard on
@@ -438,13 +442,16 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
             warmup_extra=4,
         ),
     ]
-    # the stem fed a zero-padded image (model.stem_channels): cuDNN pads 3 channels to 8 itself and ran the
-    # 7x7 stem with an Ampere-era kernel, 1.5 ms a forward on an H100 (run 4); padded, it may pick another
-    for c in STEM_CHANNELS:
+    # the stem computed other ways (model.stem_channels / stem_impl): cuDNN pads 3 channels to 8 itself and
+    # ran the 7x7 stem with an Ampere-era kernel, 1.5 ms a forward on an H100 (run 4). Eager rungs are
+    # cheap; the stem is an extern kernel in the compiled step too, so they say which to compile
+    for label, stem in STEMS:
         rungs.append(
             Rung(
-                f"+ CUDA graph, 2nd stream, stem input padded to {c} channels",
-                (lambda c=c: _package_rung(opts, device, True, False, overlap=True, stem=c)) if gpu else None,
+                f"+ CUDA graph, 2nd stream, {label}",
+                (lambda stem=stem: _package_rung(opts, device, True, False, overlap=True, stem=stem))
+                if gpu
+                else None,
                 "" if gpu else no_gpu,
                 warmup_extra=4,
             )
@@ -480,14 +487,26 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
                     warmup_extra=4,
                 )
             )
-            for c in STEM_CHANNELS:
+            for label, stem in STEMS:
                 rungs.append(
                     Rung(
-                        f"+ torch.compile + CUDA graph, 2nd stream, stem input padded to {c} channels",
-                        lambda c=c: _package_rung(opts, device, True, True, overlap=True, stem=c),
+                        f"+ torch.compile + CUDA graph, 2nd stream, {label}",
+                        lambda stem=stem: _package_rung(opts, device, True, True, overlap=True, stem=stem),
                         warmup_extra=4,
                     )
                 )
+            fastest = Rung(f"+ torch.compile + CUDA graph, 2nd stream, {FASTEST_STEM}", None, uses_rows=True)
+
+            def build_fastest(rows: list[dict[str, Any]]) -> Callable[[], Any]:
+                label, stem, why = fastest_eager_stem(rows)
+                fastest.note = why
+                log(f"{fastest.name}: {why}")
+                if stem is None:
+                    raise Skip(why)
+                return _package_rung(opts, device, True, True, overlap=True, stem=stem)
+
+            fastest.build = build_fastest
+            rungs.append(fastest)
             for label, settings in INDUCTOR_VARIANTS if opts.inductor_variants else ():  # a compile each
                 rungs.append(
                     Rung(
@@ -499,7 +518,45 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
     return rungs
 
 
-STEM_CHANNELS = (4, 8)  # model.stem_channels the ladder times (the MoCo step's own rungs use 3)
+# (label, (model.stem_channels, model.stem_impl)) the ladder times; the MoCo step's own rungs use (3, direct)
+STEMS: tuple[tuple[str, tuple[int, str]], ...] = (
+    ("stem input padded to 4 channels", (4, "direct")),
+    ("stem input padded to 8 channels", (8, "direct")),
+    ("stem as space-to-depth", (3, "s2d")),
+    ("stem as space-to-depth on 4 channels", (4, "s2d")),
+    ("stem as im2col + GEMM", (3, "im2col")),
+)
+FASTEST_STEM = "the eager rungs' fastest stem"
+_EAGER_STEM_BASE = "+ CUDA graph, key encoder on a 2nd stream"
+
+
+def fastest_eager_stem(rows: Sequence[dict[str, Any]]) -> tuple[str, tuple[int, str] | None, str]:
+    """(label, stem, why): the stem whose eager captured rung beat the plain stem's (the 2nd-stream rung,
+    same run) by the most, or stem None when none was measured or none beat it (nothing worth a compile)."""
+    ok = {r["name"]: r["samples_s"] for r in rows if r.get("status") == "ok"}
+    base = ok.get(_EAGER_STEM_BASE)
+    if base is None:
+        return "", None, f"'{_EAGER_STEM_BASE}' was not measured in this run: no eager baseline to beat"
+    timed = [
+        (ok[f"+ CUDA graph, 2nd stream, {label}"], label, stem)
+        for label, stem in STEMS
+        if f"+ CUDA graph, 2nd stream, {label}" in ok
+    ]
+    if not timed:
+        return "", None, "no eager stem rung was measured in this run"
+    best, label, stem = max(timed)
+    if best <= base:
+        return (
+            "",
+            None,
+            f"no eager stem rung beat the plain stem ({base:.1f} samples/s; best {label}, {best:.1f})",
+        )
+    return (
+        label,
+        stem,
+        f"{label}: {best:.1f} against {base:.1f} samples/s eager (+{100 * (best / base - 1):.1f} %)",
+    )
+
 
 # Inductor settings the compiled, captured MoCo step is also timed with (GPU, --compile): issue #4's step
 # ran at 3909 samples/s against 4000 in H100 run 3. 1x1 convolutions (half of ResNet-50's) lowered to
@@ -540,7 +597,7 @@ def run_ladder(
         free_memory(device)
         try:
             with peak_memory(device) as mem, HwMonitor(device) as hw:
-                step = rung.build()
+                step = rung.build(rows) if rung.uses_rows else rung.build()
                 warmup = opts.warmup + rung.warmup_extra
                 if flops is None and i >= flops_from:
                     flops = count_flops(step)  # a real step: it counts as one of the warm-up calls
@@ -554,6 +611,8 @@ def run_ladder(
             row = skipped(rung.name, _first_line(e), status="failed")
         else:
             row = {"name": rung.name, "status": "ok", **t, **mem}
+            if rung.note:
+                row["note"] = rung.note
             row["samples_s"] = opts.batch / (t["ms_per_step"] / 1000.0)
             if flops:
                 achieved = flops / (t["ms_per_step"] / 1000.0)
@@ -886,8 +945,33 @@ def section_steps(opts: Options, device: torch.device, on_row: RowHook | None = 
         notes.append("CPU: achieved GFLOP/s instead of MFU")
     res.update(notes=notes, peak_tflops=peak, peak_source=peak_source)
     if opts.profile:
-        res["profile"] = profile_step(opts, device)
+        res["profile"] = profile_step(opts, device, *profiled_form(res["rows"], device))
     return res
+
+
+def profiled_form(rows: Sequence[dict[str, Any]], device: torch.device) -> tuple[bool, tuple[int, str]]:
+    """(key encoder on a 2nd stream, stem) of the fastest compiled captured rung this run measured, so the
+    profile shows the step that is the figure; the plain compiled step when none of them ran."""
+    ok = {r["name"]: r["samples_s"] for r in rows if r.get("status") == "ok"}
+    forms: list[tuple[float, bool, tuple[int, str]]] = []
+    plain = ok.get("+ torch.compile + CUDA graph")
+    if plain is not None:
+        forms.append((plain, False, (3, "direct")))
+    second = ok.get("+ torch.compile + CUDA graph, key encoder on a 2nd stream")
+    if second is not None:
+        forms.append((second, True, (3, "direct")))
+    for label, stem in STEMS:
+        rate = ok.get(f"+ torch.compile + CUDA graph, 2nd stream, {label}")
+        if rate is not None:
+            forms.append((rate, True, stem))
+    picked = ok.get(f"+ torch.compile + CUDA graph, 2nd stream, {FASTEST_STEM}")
+    stem = fastest_eager_stem(rows)[1]
+    if picked is not None and stem is not None:
+        forms.append((picked, True, stem))
+    if not forms or device.type != "cuda":
+        return False, (3, "direct")
+    _, overlap, stem = max(forms, key=lambda f: f[0])
+    return overlap, stem
 
 
 # ---------------------------------------------------------------------------------------------- distillation
@@ -1340,9 +1424,11 @@ def top_ops(events: Any, steps: int, on_device: bool, top: int = 12) -> list[dic
     ]
 
 
-def profile_step(opts: Options, device: torch.device) -> dict[str, Any]:
+def profile_step(
+    opts: Options, device: torch.device, overlap: bool = False, stem: tuple[int, str] = (3, "direct")
+) -> dict[str, Any]:
     """torch.profiler trace (Chrome format, gzipped) of a few steps of the package's fastest step (compiled
-    with --compile), and its top ops by self time."""
+    with --compile; `overlap`, `stem`: see _package_rung), and its top ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
     out = Path(opts.out)
@@ -1351,7 +1437,7 @@ def profile_step(opts: Options, device: torch.device) -> dict[str, Any]:
     gpu = device.type == "cuda"
     steps = 3
     try:
-        step = _package_rung(opts, device, gpu, opts.compile)
+        step = _package_rung(opts, device, gpu, opts.compile, overlap=overlap, stem=stem)
         for _ in range(opts.warmup + 4):
             step()
         sync(device)
@@ -1368,6 +1454,10 @@ def profile_step(opts: Options, device: torch.device) -> dict[str, Any]:
         free_memory(device)
     log(f"profile: wrote {path} (open in chrome://tracing or ui.perfetto.dev)")
     what = ("compiled " if opts.compile else "") + ("captured step" if gpu else "eager step")
+    if overlap:
+        what += ", key encoder on a 2nd stream"
+    if stem != (3, "direct"):
+        what += f", stem {stem[1]} on {stem[0]} channels"
     return {"status": "ok", "trace": path.name, "steps": steps, "what": what, "top": top}
 
 

@@ -84,9 +84,12 @@ class ModelConfig:
     init: str = "moco"  # distill: moco | random ; linear: moco
     channels_last: bool = True
     # the stem convolution's input: the 3-channel image, or zero-padded to 4 or 8 channels (and its weight
-    # in the forward): same parameters and results; cuDNN may pick a faster kernel for the 7x7 stem in
-    # channels-last bf16 (an H100 run decides; benchmarks/throughput.py's "stem input padded" rungs)
+    # in the forward); and how it is computed: direct (cuDNN's convolution) | s2d (space-to-depth: a 4x4
+    # stride-1 convolution over 2x2 pixel blocks) | im2col (patches as rows, one GEMM). Same parameters and
+    # results; on a GPU one may be faster than cuDNN's 7x7 channels-last bf16 stem (benchmarks/
+    # throughput.py's "stem" rungs decide; fastvpd.models.StemConv)
     stem_channels: int = 3
+    stem_impl: str = "direct"
 
 
 @dataclass
@@ -217,6 +220,8 @@ class LinearRun:
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(kind="none"))
 
 
+STEM_IMPLS = ("direct", "s2d", "im2col")  # model.stem_impl: see fastvpd.models.StemConv
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": ("cache", "ffcv", "dali", "torchvision"),
     "data.verify": ("fast", "full", "off"),
@@ -224,6 +229,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "aug.recipe": ("moco_v2", "supervised"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d"),
     "model.init": ("moco", "random"),
+    "model.stem_impl": STEM_IMPLS,
     "optim.schedule": ("cosine", "step"),
     "train.device": ("auto", "cuda", "cpu"),
     "train.amp": ("bf16", "fp16", "none"),

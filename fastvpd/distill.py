@@ -41,7 +41,7 @@ from fastvpd.classifier import (
 )
 from fastvpd.config import UserError
 from fastvpd.data import render_then, views_in_step
-from fastvpd.models import pad_stem
+from fastvpd.models import adapt_stem
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
 
@@ -220,7 +220,7 @@ def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
     classes = Manifest.load(cfg.data.root).classes
     torch.manual_seed(cfg.train.seed)  # identical fc / connector init on every rank
     net = build_net(cfg, loader.num_classes, say).to(info.device)
-    pad_stem(net, cfg.model.stem_channels)
+    adapt_stem(net, cfg.model.stem_channels, cfg.model.stem_impl)
     if cfg.model.channels_last:
         net = net.to(memory_format=torch.channels_last)
     setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastvpd import config, dist, engine
 from fastvpd.classifier import Classifier, backbone_state, classifier_record, evaluate_top, read_state
 from fastvpd.config import UserError
-from fastvpd.models import pad_stem, route, routed
+from fastvpd.models import adapt_stem, route, routed
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
 
@@ -172,7 +172,7 @@ def build(cfg: Any, say: Any = print) -> tuple[LinearTask, Any, Any]:
     model = FrozenClassifier(m.arch, loader.num_classes, m.small_stem)
     model.backbone.load_state_dict(state)
     model = model.to(info.device)
-    pad_stem(model, m.stem_channels)
+    adapt_stem(model, m.stem_channels, m.stem_impl)
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
     setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)

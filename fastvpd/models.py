@@ -6,7 +6,8 @@
   its ReLU) plus the pooled feature, bit-identical to the plain backbone's output.
 - `SplitBatchNorm` / `convert_split_bn`: MoCo's single-device emulation of shuffle-BN.
 - `backbone_state_for_torchvision`: export a backbone as a state dict for `torchvision.models.<arch>()`.
-- `pad_stem`: the stem convolution fed a zero-padded 4- or 8-channel image (`model.stem_channels`).
+- `adapt_stem`: the stem convolution fed a zero-padded image (`model.stem_channels`) or computed as
+  space-to-depth or im2col + GEMM (`model.stem_impl`): same parameters, same results.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torchvision
 from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from fastvpd.config import ConfigError
+from fastvpd.config import STEM_IMPLS, ConfigError
 
 __all__ = [
     "ARCHS",
@@ -32,8 +33,9 @@ __all__ = [
     "SplitBatchNorm",
     "convert_split_bn",
     "to_channels_last",
-    "PaddedStemConv",
-    "pad_stem",
+    "STEM_IMPLS",
+    "StemConv",
+    "adapt_stem",
     "backbone_state_for_torchvision",
 ]
 
@@ -420,43 +422,109 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-class PaddedStemConv(nn.Conv2d):
-    """The stem convolution with its input's channels, and its weight's, zero-padded to `channels`.
+class StemConv(nn.Conv2d):
+    """The stem convolution, computed another way (`model.stem_channels`, `model.stem_impl`).
 
     Why: given a 3-channel channels-last bf16 image, cuDNN pads it to 8 channels itself (its
-    `nhwcAddPaddingKernel`) and on an H100 ran ResNet-50's 7x7 stem with an Ampere-era kernel at 1.5 ms a
-    forward, 4.7 % of the compiled MoCo step (run 4's profile). Handed a padded image it may choose
-    another. The zero channels add nothing to any output, and the weight is padded in the forward, so
-    the parameters, the state dict and every result stay those of the 3-channel convolution.
+    `nhwcAddPaddingKernel`) and on an H100 ran ResNet-50's 7x7/2 stem with an Ampere-era kernel at 1.5 ms a
+    forward, 4.7 % of the compiled MoCo step (run 4's profile). Each form below is the same convolution
+    (the extra zeros add nothing to any output), with the weight rearranged in the forward, so the
+    parameters, the state dict and every result stay those of the 3-channel convolution:
+    - `channels` > 3: the image and the weight zero-padded to that many input channels;
+    - `impl="s2d"` (space-to-depth, stride-2 stems): each 2x2 block of pixels becomes 4*channels channels
+      and the kxk/2 kernel (padded to an even size) a (k/2)x(k/2)/1 one: 7x7x8 (cuDNN's padding) = 392
+      multiply-adds per output fall to 4x4x16 = 256 with `channels=4`, 4x4x12 = 192 as it is;
+    - `impl="im2col"`: the k*k*channels patch of every output pixel written out as a row (padded to a
+      multiple of 8) and one GEMM against the weight; its output rows are the NHWC (channels-last) layout.
     """
 
     channels: int = 3
+    impl: str = "direct"
 
     def forward(self, x: Tensor) -> Tensor:
         extra = self.channels - x.shape[1]
-        if extra <= 0:
-            return super().forward(x)
-        pad = (0, 0, 0, 0, 0, extra)  # channels: F.pad keeps a channels-last input channels-last
-        return self._conv_forward(F.pad(x, pad), F.pad(self.weight, pad), self.bias)
+        w = self.weight
+        if extra > 0:
+            pad = (0, 0, 0, 0, 0, extra)  # channels: F.pad keeps a channels-last input channels-last
+            x, w = F.pad(x, pad), F.pad(w, pad)
+        if self.impl == "s2d":
+            return self._s2d(x, w)
+        if self.impl == "im2col":
+            return self._im2col(x, w)
+        return self._conv_forward(x, w, self.bias)
+
+    def _out_size(self, n: int, d: int) -> int:
+        return (n + 2 * self.padding[d] - self.kernel_size[d]) // self.stride[d] + 1
+
+    def _s2d(self, x: Tensor, w: Tensor) -> Tensor:
+        """Output o reads input rows 2o - p + t (t < k). A leading zero tap (odd k) makes that 2o - f + t'
+        (f = p + lead, t' < k' even), i.e. 2x2 block o + t'//2 of the input padded by f, phase t' % 2:
+        a valid (k'/2)-wide stride-1 convolution over the blocks."""
+        n, c, h, wd = x.shape
+        o, k = w.shape[0], self.kernel_size[0]
+        lead = k % 2
+        kb = (k + lead) // 2  # the kernel's size in blocks
+        ho, wo = self._out_size(h, 0), self._out_size(wd, 1)
+        f = self.padding[0] + lead
+        hp, wp = 2 * (ho + kb - 1), 2 * (wo + kb - 1)  # padded extent the blocks cover
+        nhwc = x.permute(0, 2, 3, 1)  # a channels-last input: a view
+        nhwc = F.pad(nhwc, (0, 0, f, wp - f - wd, f, hp - f - h))
+        # [N, Hp/2, 2, Wp/2, 2, C] -> [N, Hp/2, Wp/2, C, 2, 2]: channel index c*4 + row phase*2 + col phase
+        blocks = nhwc.reshape(n, hp // 2, 2, wp // 2, 2, c).permute(0, 1, 3, 5, 2, 4)
+        xs = blocks.reshape(n, hp // 2, wp // 2, 4 * c).permute(0, 3, 1, 2)  # channels-last NCHW
+        # weight [O, C, k, k] -> [O, C, 2kb, 2kb] (a leading zero tap) -> [O, C, kb, 2, kb, 2]
+        # -> [O, 4C, kb, kb], channels in the input's order
+        wk = F.pad(w, (lead, 0, lead, 0)).reshape(o, c, kb, 2, kb, 2).permute(0, 1, 3, 5, 2, 4)
+        wk = wk.reshape(o, 4 * c, kb, kb).contiguous(memory_format=torch.channels_last)
+        return F.conv2d(xs, wk, self.bias)
+
+    def _im2col(self, x: Tensor, w: Tensor) -> Tensor:
+        n, c, h, wd = x.shape
+        o, k = w.shape[0], self.kernel_size[0]
+        ho, wo = self._out_size(h, 0), self._out_size(wd, 1)
+        p, s = self.padding[0], self.stride[0]
+        nhwc = F.pad(x.permute(0, 2, 3, 1), (0, 0, p, p, p, p))
+        # [N, Ho, Wp, C, k] -> [N, Ho, Wo, C, k, k]: the patch in the weight's (C, kh, kw) order
+        patches = nhwc.unfold(1, k, s).unfold(2, k, s)[:, :ho, :wo]
+        kk = c * k * k
+        kpad = -kk % 8  # bf16 GEMM operands want rows of a multiple of 16 bytes
+        # the patch matrix (the big tensor: 1 GB at 224 px, batch 256, bf16) written once, pad included
+        a = patches.new_empty(n * ho * wo, kk + kpad)
+        a[:, kk:].zero_()
+        a[:, :kk].view(n, ho, wo, c, k, k).copy_(patches)
+        b = F.pad(w.reshape(o, kk), (0, kpad))
+        out = a @ b.t()  # [N*Ho*Wo, O]: NHWC rows
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(n, ho, wo, o).permute(0, 3, 1, 2)  # channels-last NCHW, no copy
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, input padded to {self.channels} channels"
+        return f"{super().extra_repr()}, input channels {self.channels}, computed as {self.impl}"
 
 
-def pad_stem(model: nn.Module, channels: int) -> int:
-    """Give every ResNet in `model` a `PaddedStemConv` stem (`model.stem_channels`); returns how many.
-
-    3 leaves the model as it is. Call it before `torch.compile` and before building DDP wrappers.
-    """
+def adapt_stem(model: nn.Module, channels: int = 3, impl: str = "direct") -> int:
+    """Give every ResNet in `model` a `StemConv` stem (`model.stem_channels`, `model.stem_impl`);
+    returns how many. (3, "direct") leaves the model as it is. Call it before `torch.compile` and before
+    building DDP wrappers."""
     if channels < 3:
         raise ConfigError(f"model.stem_channels={channels} must be at least 3 (the image's channels)")
-    if channels == 3:
+    if impl not in STEM_IMPLS:
+        raise ConfigError(f"model.stem_impl={impl!r} is not one of {', '.join(STEM_IMPLS)}")
+    if channels == 3 and impl == "direct":
         return 0
     stems = [m.conv1 for m in model.modules() if isinstance(m, ResNet)]
     stems = [c for c in stems if isinstance(c, nn.Conv2d) and c.in_channels == 3 and c.groups == 1]
-    for conv in stems:  # the module itself becomes a PaddedStemConv: parameters, hooks, optimizers kept
-        conv.__class__ = PaddedStemConv
-        conv.channels = channels
+    for conv in stems:
+        square = conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
+        plain = square and conv.padding[0] == conv.padding[1] and conv.dilation == (1, 1)
+        if impl != "direct" and not plain or impl == "s2d" and conv.stride[0] != 2:
+            raise ConfigError(
+                f"model.stem_impl={impl} needs a square, undilated stem"
+                f"{' of stride 2' if impl == 's2d' else ''} (this one: {conv}); use model.stem_impl=direct"
+            )
+    for conv in stems:  # the module itself becomes a StemConv: parameters, hooks, optimizers kept
+        conv.__class__ = StemConv
+        conv.channels, conv.impl = channels, impl
     return len(stems)
 
 

@@ -21,7 +21,7 @@ from fastvpd import config, dist, engine
 from fastvpd.data import render_then, views_in_step
 from fastvpd.knn import knn_accuracy
 from fastvpd.moco import MoCo
-from fastvpd.models import pad_stem
+from fastvpd.models import adapt_stem
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import MOCO_METRICS, DeviceMeters, GraphedStep, Precision, moco_step, pin_lr, setup_backends
 
@@ -174,7 +174,7 @@ def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
         cfg.model.small_stem,
         m.split_bn,
     ).to(info.device)
-    pad_stem(model, cfg.model.stem_channels)
+    adapt_stem(model, cfg.model.stem_channels, cfg.model.stem_impl)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)

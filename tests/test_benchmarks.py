@@ -265,12 +265,14 @@ def test_compiled_rung_compiles_under_its_inductor_settings(monkeypatch: pytest.
     assert not any("GEMMs" in n for n in names)  # CPU: no CUDA-graph rungs, so no variants
 
 
-def test_padded_stem_rungs_time_the_step_with_a_padded_stem() -> None:
-    """The ladder's `stem input padded to C channels` rungs (GPU-only) build the package's step with
-    model.stem_channels=C; the step itself runs anywhere and trains."""
+def test_stem_rungs_time_the_step_with_each_stem() -> None:
+    """The ladder's stem rungs (GPU-only) build the package's step with model.stem_channels /
+    model.stem_impl; the step itself runs anywhere and trains."""
     cpu = torch.device("cpu")
-    stems = [r for r in tp.moco_ladder(tp.Options(), cpu) if "stem input padded" in r.name]
-    assert [r.name.split(" to ")[-1] for r in stems] == [f"{c} channels" for c in tp.STEM_CHANNELS]
+    stems = [
+        r for r in tp.moco_ladder(tp.Options(), cpu) if r.name.startswith("+ CUDA graph, 2nd stream, stem")
+    ]
+    assert [r.name.split("2nd stream, ")[-1] for r in stems] == [label for label, _ in tp.STEMS]
     assert all(r.build is None and "CUDA" in r.skip_reason for r in stems)
     seen: list[int] = []
     real = torch.nn.functional.conv2d
@@ -279,13 +281,83 @@ def test_padded_stem_rungs_time_the_step_with_a_padded_stem() -> None:
         seen.append(x.shape[1])
         return real(x, w, *a, **kw)
 
-    opts = tp.Options(arch="resnet18", res=16, batch=4, queue=8, warmup=1, repeats=1)
-    step = tp._package_rung(opts, cpu, False, False, stem=8)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.nn.functional, "conv2d", spy)
-        out = step()
-    assert seen.count(8) == 2  # the query and key encoders' stems, fed 8 channels
-    assert torch.isfinite(out["loss"]).all()
+    opts = tp.Options(arch="resnet18", res=40, batch=4, queue=8, warmup=1, repeats=1)  # > 32: the 7x7 stem
+    for stem, want in (((8, "direct"), 8), ((4, "s2d"), 16)):
+        seen.clear()
+        step = tp._package_rung(opts, cpu, False, False, stem=stem)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.functional, "conv2d", spy)
+            out = step()
+        assert seen.count(want) == 2, seen  # the query and key encoders' stems
+        assert torch.isfinite(out["loss"]).all()
+
+
+def test_fastest_eager_stem_is_picked_from_this_runs_rows() -> None:
+    """The compiled `fastest stem` rung compiles the stem whose eager rung beat the plain stem's by the
+    most in the same run, and nothing (a skip, with the reason) when none did or none was timed."""
+    base = "+ CUDA graph, key encoder on a 2nd stream"
+
+    def row(label: str, rate: float, status: str = "ok") -> dict[str, object]:
+        return {"name": f"+ CUDA graph, 2nd stream, {label}", "status": status, "samples_s": rate}
+
+    rows = [
+        {"name": base, "status": "ok", "samples_s": 2486.5},
+        row("stem input padded to 8 channels", 2500.0),
+        row("stem as space-to-depth", 2600.0),
+        row("stem as im2col + GEMM", 9999.0, status="failed"),
+    ]
+    label, stem, why = tp.fastest_eager_stem(rows)
+    assert (label, stem) == ("stem as space-to-depth", (3, "s2d")) and "+4.6 %" in why
+    label, stem, why = tp.fastest_eager_stem([rows[0], row("stem as space-to-depth", 2400.0)])
+    assert stem is None and "no eager stem rung beat" in why
+    assert tp.fastest_eager_stem(rows[1:])[1] is None
+    assert tp.fastest_eager_stem(rows[:1])[1] is None
+    # the profile follows the fastest compiled captured rung: here the picked stem, on the 2nd stream
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    compiled = [
+        *rows,
+        {"name": "+ torch.compile + CUDA graph", "status": "ok", "samples_s": 3892.8},
+        {
+            "name": "+ torch.compile + CUDA graph, key encoder on a 2nd stream",
+            "status": "ok",
+            "samples_s": 3959.6,
+        },
+        {
+            "name": f"+ torch.compile + CUDA graph, 2nd stream, {tp.FASTEST_STEM}",
+            "status": "ok",
+            "samples_s": 4050,
+        },
+    ]
+    assert tp.profiled_form(compiled, gpu) == (True, (3, "s2d"))
+    compiled[-1]["samples_s"] = 3900.0
+    assert tp.profiled_form(compiled, gpu) == (True, (3, "direct"))
+    assert tp.profiled_form(compiled[:-2], gpu) == (False, (3, "direct"))
+    assert tp.profiled_form(compiled, cpu) == (False, (3, "direct"))
+
+
+def test_a_rung_that_uses_rows_sees_the_ladders_rows_and_may_skip() -> None:
+    """run_ladder hands a `uses_rows` rung the rows measured before it; its Skip is a skipped row with the
+    reason, and its note lands in its row."""
+    seen: list[list[str]] = []
+
+    def pick(rows: list[dict[str, object]]) -> object:
+        seen.append([str(r["name"]) for r in rows])
+        if len(seen) == 2:
+            raise tp.Skip("nothing to pick")
+        picked.note = "picked a"
+        return lambda: None
+
+    picked = tp.Rung("pick", None, uses_rows=True)
+    picked.build = pick
+    again = tp.Rung("pick again", None, uses_rows=True)
+    again.build = pick
+    opts = tp.Options(warmup=0, repeats=1)
+    rows = tp.run_ladder(
+        [tp.Rung("a", lambda: lambda: None), picked, again], opts, torch.device("cpu"), None
+    )["rows"]
+    assert seen == [["a"], ["a", "pick"]]
+    assert rows[1]["status"] == "ok" and rows[1]["note"] == "picked a"
+    assert rows[2]["status"] == "skipped" and rows[2]["reason"] == "nothing to pick"
 
 
 @pytest.mark.cuda

@@ -104,3 +104,29 @@ def test_distill_compiled_student_trains_like_eager(
     comp = distill.main([*args, f"train.out_dir={tmp_path / 'comp'}", "train.compile=true"])
     assert compiled == ["DistillNet"]  # teacher taps + student + connectors + OFD loss
     _assert_close(_weights(eager), _weights(comp))
+
+
+@pytest.mark.parametrize("impl", ["s2d", "im2col"])
+def test_rewritten_stems_compile_with_inductor(impl: str) -> None:
+    """model.stem_impl's forms through Inductor itself (one small stem, seconds on CPU): the GPU ladder
+    compiles them inside the whole step, so their view/unfold/copy chains must lower, and give the
+    convolution's output and weight gradient."""
+    from fastvpd.models import adapt_stem, build_backbone
+
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(5)
+        net = build_backbone("resnet18")
+        plain = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        plain.weight.data.copy_(net.conv1.weight)
+        adapt_stem(net, 4, impl)
+        x = torch.randn(2, 3, 40, 40).to(memory_format=torch.channels_last)
+        y = torch.compile(net.conv1)(x)
+        want = plain(x)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        up = torch.randn_like(want)
+        (y * up).sum().backward()
+        (want * up).sum().backward()
+        torch.testing.assert_close(net.conv1.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()

@@ -12,12 +12,12 @@ from fastvpd.config import ConfigError
 from fastvpd.models import (
     FeatureTaps,
     MLPHead,
-    PaddedStemConv,
     SplitBatchNorm,
+    StemConv,
+    adapt_stem,
     backbone_state_for_torchvision,
     build_backbone,
     convert_split_bn,
-    pad_stem,
     stage_bn,
     stage_channels,
     to_channels_last,
@@ -193,33 +193,73 @@ def test_to_channels_last() -> None:
     assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("channels", [4, 8])
-def test_padded_stem_is_the_same_convolution_with_the_same_parameters(channels: int) -> None:
-    """model.stem_channels: outputs, gradients and state dict of the 3-channel stem; the optimizer's
-    Parameter objects kept; channels-last in, channels-last through; below 3 a config error."""
+@pytest.mark.parametrize(
+    ("channels", "impl"), [(4, "direct"), (8, "direct"), (3, "s2d"), (4, "s2d"), (3, "im2col"), (8, "im2col")]
+)
+def test_adapted_stem_is_the_same_convolution_with_the_same_parameters(channels: int, impl: str) -> None:
+    """model.stem_channels / model.stem_impl: outputs, gradients and state dict of the 3-channel stem; the
+    optimizer's Parameter objects kept; channels-last in, channels-last through."""
     torch.manual_seed(3)
     plain = to_channels_last(build_backbone("resnet18"))
-    padded = to_channels_last(build_backbone("resnet18"))
-    padded.load_state_dict(plain.state_dict())
-    weight = padded.conv1.weight
-    assert pad_stem(padded, channels) == 1
-    assert isinstance(padded.conv1, PaddedStemConv) and padded.conv1.weight is weight
-    assert padded.conv1.weight.shape == (64, 3, 7, 7)
-    assert padded.state_dict().keys() == plain.state_dict().keys()
-    x = torch.randn(4, 3, 48, 48).to(memory_format=torch.channels_last)
+    adapted = to_channels_last(build_backbone("resnet18"))
+    adapted.load_state_dict(plain.state_dict())
+    weight = adapted.conv1.weight
+    assert adapt_stem(adapted, channels, impl) == 1
+    assert isinstance(adapted.conv1, StemConv) and adapted.conv1.weight is weight
+    assert adapted.conv1.weight.shape == (64, 3, 7, 7)
+    assert adapted.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(4, 3, 48, 47).to(memory_format=torch.channels_last)  # odd width: the s2d edge
     seen = []
-    padded.conv1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
-    a, b = plain(x), padded(x)
-    assert seen == [3]  # padding happens inside the stem: the module takes the 3-channel image
-    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    a.square().sum().backward()
-    b.square().sum().backward()
-    torch.testing.assert_close(padded.conv1.weight.grad, plain.conv1.weight.grad, rtol=1e-4, atol=1e-4)
-    stem = padded.conv1(x)
+    adapted.conv1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    a, b = plain(x), adapted(x)
+    assert seen == [3]  # the rewrite happens inside the stem: the module takes the 3-channel image
+    torch.testing.assert_close(adapted.conv1(x), plain.conv1(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)  # float sums in another order, through BN
+    stem = adapted.conv1(x)
     assert stem.is_contiguous(memory_format=torch.channels_last)
-    assert pad_stem(plain, 3) == 0 and type(plain.conv1) is nn.Conv2d
+    up = torch.randn_like(stem)  # the stem's weight gradient for one upstream gradient
+    (want,) = torch.autograd.grad(plain.conv1(x), plain.conv1.weight, up)
+    (got,) = torch.autograd.grad(stem, weight, up)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    a.square().sum().backward()  # and through the network: float sums in another order, through BN
+    b.square().sum().backward()
+    g_plain, g_adapted = plain.conv1.weight.grad, adapted.conv1.weight.grad
+    assert (g_adapted - g_plain).norm() <= 1e-4 * g_plain.norm()  # 1.5e-5 measured
+
+
+def test_stem_space_to_depth_matches_conv2d_at_the_papers_sizes() -> None:
+    """The 7x7/2 stem at 224 and 448 px (the bag of tricks' resolution) and at an odd size, against
+    F.conv2d directly: every output position, including the padded border."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    for size in (224, 448, 33):
+        x = torch.randn(1, 3, size, size).to(memory_format=torch.channels_last)
+        want = F.conv2d(x, conv.weight, None, 2, 3)
+        for impl in ("s2d", "im2col"):
+            net = build_backbone("resnet18")
+            net.conv1.weight.data.copy_(conv.weight)
+            adapt_stem(net, 3, impl)
+            torch.testing.assert_close(net.conv1(x), want, rtol=1e-5, atol=1e-5, msg=f"{impl} {size}")
+
+
+def test_adapt_stem_rejects_what_it_cannot_rewrite() -> None:
+    """One ConfigError naming the key: below 3 channels, an unknown form, space-to-depth on the 32-px
+    stride-1 small stem (padding it works there); (3, direct) leaves the model untouched."""
+    plain = build_backbone("resnet18")
+    assert adapt_stem(plain, 3, "direct") == 0 and type(plain.conv1) is nn.Conv2d
     with pytest.raises(ConfigError, match="stem_channels"):
-        pad_stem(plain, 2)
+        adapt_stem(plain, 2)
+    with pytest.raises(ConfigError, match="stem_impl='fft' is not one of direct, s2d, im2col"):
+        adapt_stem(plain, 3, "fft")
+    small = build_backbone("resnet18", small_stem=True)
+    with pytest.raises(ConfigError, match="stem_impl=s2d needs .* stride 2"):
+        adapt_stem(small, 3, "s2d")
+    assert type(small.conv1) is nn.Conv2d  # nothing half-converted
+    assert adapt_stem(small, 3, "im2col") == 1
+    x = torch.randn(2, 3, 8, 8)
+    small.eval()
+    want = F.conv2d(x, small.conv1.weight, None, 1, 1)
+    torch.testing.assert_close(small.conv1(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_export_loads_into_torchvision() -> None:
