@@ -58,8 +58,8 @@ RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
 LOADER_BACKENDS = (
     "torchvision", "ffcv", "ffcv_once", "ffcv_triton", "dali", "dali_fused", "dali_twice", "dali_device",
-    "dali_triton", "cache", "cache_graphed", "cache_triton", "cache_compiled", "cache_compiled_pointwise",
-    "ffcv_compiled",
+    "dali_triton", "dali_x4", "dali_triton_x4", "cache", "cache_graphed", "cache_triton", "cache_compiled",
+    "cache_compiled_pointwise", "ffcv_compiled",
 )  # fmt: skip
 # loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per sample
 # for both views (instead of once per view), dali with the fused instead of the exact colour jitter
@@ -70,6 +70,9 @@ LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     # DALI decodes, crops, resizes and flips; the device finishes the views (torch ops, or triton_aug's)
     "dali_device": ("dali", {"dali_jitter": "device"}),
     "dali_triton": ("dali", {"dali_jitter": "device", "aug_kernel": "triton"}),
+    # four DALI pipelines side by side, a quarter of every batch each (data.dali_pipelines)
+    "dali_x4": ("dali", {"dali_pipelines": "4"}),
+    "dali_triton_x4": ("dali", {"dali_jitter": "device", "aug_kernel": "triton", "dali_pipelines": "4"}),
     "cache_in_loader": ("cache", {"aug_in_step": "false"}),
     "cache_graphed": ("cache", {}),  # loaders: the views replayed from a CUDA graph (GPU only)
     "cache_compiled": ("cache", {"compile_aug": "true"}),  # ... and their pixel work torch.compiled
@@ -82,7 +85,8 @@ LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 }
 COMPILED_ROWS = ("cache_compiled", "cache_compiled_pointwise", "ffcv_compiled")  # need --compile
 GRAPHED_ROWS = ("cache_graphed", "cache_compiled", "cache_compiled_pointwise", "cache_triton")
-GPU_ROWS = (*GRAPHED_ROWS, *COMPILED_ROWS, "ffcv_triton", "dali_triton")  # skipped without a CUDA GPU
+# skipped without a CUDA GPU
+GPU_ROWS = (*GRAPHED_ROWS, *COMPILED_ROWS, "ffcv_triton", "dali_triton", "dali_triton_x4")
 # end to end, `cache` renders the views inside the training step (its CUDA graph on a GPU, the default);
 # `cache_in_loader` renders them in the loader, as the loaders section's `cache` row times it
 E2E_BACKENDS = (
@@ -90,6 +94,7 @@ E2E_BACKENDS = (
     "cache_in_loader",
     "cache_triton",
     "dali_triton",
+    "dali_triton_x4",
 )
 
 

@@ -42,6 +42,10 @@ class DataConfig:
     # decodes whole images anyway, so it should halve the decode work there: not yet timed) | twice (each
     # view decodes its own crop of the JPEG)
     dali_decode: str = "once"
+    # dali backend, training: pipelines side by side, each rendering batch/N of every batch from its own
+    # sub-shard (N x DALI's executor threads: its per-operator launches were the limit on an H100, the host
+    # 84 % idle; the batch mixes N slices of the shard, each shuffled). 1 = one pipeline, as before
+    dali_pipelines: int = 1
     # ffcv backend: twice (one JPEG decode per view: faster on the 16-core H100 host, 1.3-1.5x) | once (one
     # decode per sample, both views cut from it: less CPU, faster on core-starved hosts, 1.2-1.4x on 2 cores)
     ffcv_decode: str = "twice"

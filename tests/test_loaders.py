@@ -25,6 +25,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dali_twice": ("dali", {"dali_decode": "twice"}),
     "dali_device": ("dali", {"dali_jitter": "device", "aug_kernel": "torch"}),
     "dali_triton": ("dali", {"dali_jitter": "device", "aug_kernel": "triton"}),
+    "dali_pipelines": ("dali", {"dali_pipelines": 2}),  # two pipelines, half of every batch each
 }
 
 
@@ -55,7 +56,7 @@ def _check_batch(
     assert np.array_equal(labels[b.indices.cpu().numpy()], b.labels.cpu().numpy())
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "dali_device"])
+@pytest.mark.parametrize("backend", [*BACKENDS, "dali_device", "dali_pipelines"])
 def test_backend_train_contract(digits_converted: Path, backend: str) -> None:
     labels = _labels(digits_converted, "train")
     loader = build_loader(

@@ -271,9 +271,10 @@ def build_loader(
         decode = str(getattr(data_cfg, "dali_decode", "once"))
         compile_aug = bool(getattr(data_cfg, "compile_aug", False)) and train
         kernel = str(getattr(data_cfg, "aug_kernel", "auto"))
+        pipelines = int(getattr(data_cfg, "dali_pipelines", 1))
         return DALILoader(
             manifest, split, workers=workers, jitter=jitter, decode=decode, compile_aug=compile_aug,
-            aug_kernel=kernel, **common,
+            aug_kernel=kernel, pipelines=pipelines, **common,
         )  # fmt: skip
     from fastvpd.data.torchvision import TorchvisionLoader
 

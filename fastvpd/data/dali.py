@@ -41,13 +41,20 @@ decodes each random-crop view's region of the JPEG on its own (`decoders.image_r
 cores at 224 px `once` fed 47.7-54.9 two-view samples/s against 42.6-46.4 for `twice` (three
 interleaved rounds); on a GPU nvJPEG's hardware engine decodes whole images anyway (not yet timed).
 
-Epochs and sharding: DALI shards the samples contiguously (`shard_id=rank`, `num_shards=world`, shard r
-holds samples [r*N//world, (r+1)*N//world)), so shards differ by at most one sample. A training epoch
-is defined as floor(N/world) // batch_size batches per rank (what every backend reports as len()); each
-epoch the pipeline is rebuilt with seed mix(seed, epoch) and shard (rank + epoch) % world, so an epoch
-is a deterministic function of (seed, epoch, rank) and resume at start_step re-reads (and drops) the
-first start_step batches (DALI readers cannot seek). Shuffling is DALI's buffer shuffle (`initial_fill`
-samples): samples are stored class-sorted, so the buffer is set to the whole shard up to SHUFFLE_BUFFER.
+Epochs and sharding: DALI shards the stored samples contiguously (`shard_id=rank`, `num_shards=world`,
+shard r holds positions [r*N//world, (r+1)*N//world) of the tar files' order), so shards differ by at
+most one sample. A training epoch is defined as floor(N/world) // batch_size batches per rank (what every
+backend reports as len()); each epoch the pipeline is rebuilt with seed mix(seed, epoch) and shard
+(rank + epoch) % world, so an epoch is a deterministic function of (seed, epoch, rank) and resume at
+start_step re-reads (and drops) the first start_step batches (DALI readers cannot seek). Shuffling is
+DALI's buffer shuffle (`initial_fill` samples) over the converter's fixed random order of the samples;
+the buffer holds the whole shard up to SHUFFLE_BUFFER.
+
+Pipelines side by side (`data.dali_pipelines=P`, training): pipeline p of rank r reads sub-shard r*P + p
+of world*P (together exactly rank r's shard, as floor(rP*N/(wP)) = floor(r*N/w)), with its own seed
+mix(seed, epoch, rank, P, p), and renders rows [p*B/P, (p+1)*B/P) of every batch: P executors launch
+operators at once (the limit of the `exact` rendering on an H100: its host was 84 % idle). An epoch is
+(N // (world*P)) // (B/P) batches, the smallest sub-shard's. Eval loaders keep one pipeline.
 """
 
 from __future__ import annotations
@@ -334,6 +341,7 @@ class DALILoader(LoaderBase):
         decode: str = "once",
         compile_aug: bool = False,
         aug_kernel: str = "torch",
+        pipelines: int = 1,
     ) -> None:
         _import_dali()
         if jitter not in JITTER_MODES:
@@ -351,6 +359,10 @@ class DALILoader(LoaderBase):
                 raise UserError(
                     "ten-crop eval is not available with data.backend=dali: use cache or torchvision"
                 )
+        if pipelines < 1:
+            raise UserError(f"data.dali_pipelines must be >= 1 (got {pipelines})")
+        # several pipelines each render a slice of every training batch from their own sub-shard (eval: one)
+        self.pipelines = pipelines if train else 1
         n = manifest.count(split)
         super().__init__(
             spec, n, manifest.num_classes, batch_size, device, dtype, seed, rank, world_size, train
@@ -363,8 +375,13 @@ class DALILoader(LoaderBase):
                 )
         if not train:  # DALI's contiguous eval shard of this rank
             self._per_rank = (rank + 1) * n // world_size - rank * n // world_size
+        if batch_size % self.pipelines:
+            raise UserError(
+                f"data.dali_pipelines={pipelines} must divide the batch size ({batch_size}): each pipeline "
+                "renders an equal slice of every batch"
+            )
         self.workers = workers if workers > 0 else max(1, torch.get_num_threads())
-        self._pipe: Any = None
+        self._pipes: list[Any] = []
         # data.dali_jitter=device: DALI hands over uint8 crops; jitter, grayscale, blur, normalise (and
         # AutoAugment) run here on the loader's device, as the ffcv backend does it
         self._finisher = None
@@ -372,24 +389,34 @@ class DALILoader(LoaderBase):
             self._finisher = G.ViewFinisher(spec.views, self.device, dtype, compile_aug, aug_kernel)
             self.gen = self._finisher.gen
 
-    def _build(self, epoch: int) -> Any:
+    def _build(self, epoch: int, part: int = 0) -> Any:
+        """The pipeline of (epoch, part): part p of `self.pipelines` reads sub-shard rank*P + p of world*P
+        (together, this rank's shard: DALI's shard boundaries are floor(s*N/S)) and renders batch/P."""
         from nvidia.dali import fn, pipeline_def, types
 
         cuda = self.device.type == "cuda"
         decode_dev, op_dev = ("mixed", "gpu") if cuda else ("cpu", "cpu")
-        shard = (self.rank + epoch) % self.world_size if self.train else self.rank
+        parts = self.pipelines
+        shard = ((self.rank + epoch) % self.world_size if self.train else self.rank) * parts + part
         spec, tars, idxs, train = (
             self.spec,
             [str(p) for p in self.tars],
             [str(p) for p in self.idxs],
             self.train,
         )
-        pseed = mix_seed(self.seed, epoch, self.rank) % (1 << 31)
-        fill = max(1, min(SHUFFLE_BUFFER, self._per_rank))
+        # one pipeline keeps the seeds it always had (resumable runs from before data.dali_pipelines)
+        pseed = (
+            mix_seed(self.seed, epoch, self.rank)
+            if parts == 1
+            else mix_seed(self.seed, epoch, self.rank, parts, part)
+        )
+        pseed %= 1 << 31
+        sub = self._per_rank if parts == 1 else self.num_samples // (self.world_size * parts)
+        fill = max(1, min(SHUFFLE_BUFFER, sub))
 
         @pipeline_def(
-            batch_size=self.batch_size,
-            num_threads=self.workers,
+            batch_size=self.batch_size // parts,
+            num_threads=max(1, self.workers // parts),
             device_id=self.device.index if cuda else None,
             seed=pseed,
             enable_conditionals=self.jitter != "device"
@@ -406,7 +433,7 @@ class DALILoader(LoaderBase):
                 initial_fill=fill,
                 seed=pseed,
                 shard_id=shard,
-                num_shards=self.world_size,
+                num_shards=self.world_size * parts,
                 stick_to_shard=not train,
                 pad_last_batch=not train,
                 name="reader",
@@ -421,16 +448,23 @@ class DALILoader(LoaderBase):
         p.build()
         return p
 
-    def _to_torch(self, tl: Any) -> torch.Tensor:
-        """A DALI HWC batch as [B, 3, R, R] channels-last: the loader's dtype, or with
-        `data.dali_jitter=device` DALI's uint8 itself (NHWC memory, no copy past the one out of DALI)."""
+    def _to_torch(self, tls: list[Any]) -> torch.Tensor:
+        """The pipelines' DALI HWC slices of one view as one [B, 3, R, R] channels-last batch: the loader's
+        dtype, or with `data.dali_jitter=device` DALI's uint8 itself (NHWC memory, no copy past the one
+        out of DALI, each slice straight into its rows)."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        t = tl.as_tensor()
+        ts = [tl.as_tensor() for tl in tls]
+        shape = list(ts[0].shape())
+        shape[0] = sum(t.shape()[0] for t in ts)
         raw = torch.uint8 if self._finisher is not None else torch.float32
-        out = torch.empty(t.shape(), dtype=raw, device=self.device)
+        out = torch.empty(shape, dtype=raw, device=self.device)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        feed_ndarray(t, out, cuda_stream=stream)
+        row = 0
+        for t in ts:
+            n = t.shape()[0]
+            feed_ndarray(t, out[row : row + n], cuda_stream=stream)
+            row += n
         out = out.permute(0, 3, 1, 2)
         if self._finisher is not None:
             return out
@@ -449,17 +483,19 @@ class DALILoader(LoaderBase):
         return labels, indices
 
     def __iter__(self) -> Iterator[Batch]:
-        self._pipe = None  # release the previous epoch's pipeline (threads, buffers) first
-        self._pipe = self._build(self.epoch)  # each epoch: a fresh (seed, epoch, rank) pipeline
+        self._pipes = []  # release the previous epoch's pipelines (threads, buffers) first
+        # each epoch: fresh (seed, epoch, rank) pipelines; once built they run ahead side by side (prefetch)
+        self._pipes = [self._build(self.epoch, p) for p in range(self.pipelines)]
         total = len(self)
         for step in range(total):
-            outs = self._pipe.run()
+            outs = [pipe.run() for pipe in self._pipes]
             if step < self.start_step:
                 continue  # DALI readers cannot seek: resume drops the already-seen batches
             keep = min(self.batch_size, self._per_rank - step * self.batch_size) if not self.train else None
-            *vtl, cls = outs
-            labels, indices = self._parse_cls(cls)
-            views = [self._to_torch(t) for t in vtl]
+            parsed = [self._parse_cls(o[-1]) for o in outs]
+            labels = np.concatenate([lab for lab, _ in parsed])
+            indices = np.concatenate([idx for _, idx in parsed])
+            views = [self._to_torch([o[v] for o in outs]) for v in range(len(outs[0]) - 1)]
             lab = torch.from_numpy(labels).to(self.device, non_blocking=True)
             idx = torch.from_numpy(indices).to(self.device, non_blocking=True)
             if keep is not None and keep < self.batch_size:  # eval: drop DALI's padding of the last batch
@@ -469,4 +505,9 @@ class DALILoader(LoaderBase):
             yield Batch(views, lab, idx)
 
     def __len__(self) -> int:
-        return num_batches(self._per_rank, self.batch_size, self.train)
+        parts = self.pipelines
+        if parts == 1:
+            return num_batches(self._per_rank, self.batch_size, self.train)
+        # the smallest sub-shard (DALI's shard sizes differ by one at most) sets every pipeline's epoch; as
+        # P divides B, (N // (W*P)) // (B/P) >= ((N // W) // B), so a rank with a whole batch keeps one
+        return (self.num_samples // (self.world_size * parts)) // (self.batch_size // parts)
