@@ -599,6 +599,7 @@ def run_ladder(
             log(f"{rung.name}: skipped ({rung.skip_reason})")
             continue
         log(f"{rung.name}: measuring")
+        started = time.perf_counter()  # the rung's whole cost (build, compile, warm-up): for GPU budgets
         free_memory(device)
         try:
             with peak_memory(device) as mem, HwMonitor(device) as hw:
@@ -625,7 +626,11 @@ def run_ladder(
                 if peak_tflops:
                     row["mfu_pct"] = 100.0 * achieved / (peak_tflops * 1e12)
             hw_rows[rung.name] = hw.result
-            log(f"{rung.name}: {row['ms_per_step']:.2f} ms/step, {row['samples_s']:.1f} samples/s")
+            row["wall_s"] = time.perf_counter() - started
+            log(
+                f"{rung.name}: {row['ms_per_step']:.2f} ms/step, {row['samples_s']:.1f} samples/s "
+                f"({row['wall_s']:.0f} s in all)"
+            )
         finally:
             free_memory(device)
         rows.append(row)
