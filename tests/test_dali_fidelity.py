@@ -28,10 +28,10 @@ def _image(seed: int = 0, size: int = 8) -> np.ndarray:
     return g.uniform(0.05, 0.95, size=(size, size, 3)).astype(np.float32)
 
 
-def _run(graph: Callable[[Any], Any], img: np.ndarray, conditionals: bool = False) -> np.ndarray:
+def _run(graph: Callable[[Any], Any], img: np.ndarray) -> np.ndarray:
     """Run graph(float HWC image node) over N copies of `img` on the CPU; [N, H, W, 3] float."""
 
-    @pipeline_def(batch_size=N, num_threads=1, device_id=None, seed=123, enable_conditionals=conditionals)
+    @pipeline_def(batch_size=N, num_threads=1, device_id=None, seed=123)
     def pipe() -> Any:
         x = fn.external_source(source=lambda: [img] * N, batch=True, layout="HWC", dtype=types.FLOAT)
         return graph(x)
@@ -53,9 +53,12 @@ def _tv(img: np.ndarray, order: tuple[int, ...], f: tuple[float, ...] = FACTORS)
 
 @pytest.mark.parametrize("op", range(4))
 def test_each_op_matches_torchvision(op: int) -> None:
-    ops = (D._brightness, D._contrast, D._saturation, D._hue)
+    """The jitter with one op's factor set and the others at their identity (factor 1, hue 0: idle slots,
+    and torchvision's skipped hue) is torchvision's op alone, on every sample, whatever the order."""
     img = _image(op)
-    out = _run(lambda x: ops[op](x, fn.random.uniform(values=[FACTORS[op]])), img)
+    ranges = [(1.0, 1.0)] * 3 + [(0.0, 0.0)]
+    ranges[op] = (FACTORS[op], FACTORS[op])
+    out = _run(lambda x: D.jitter_torchvision(x, ranges, 1.0, "cpu"), img)
     ref = _tv(img, (op,)).numpy()
     assert np.abs(out - ref[None]).max() < TOL
 
@@ -72,7 +75,7 @@ def test_hue_matches_torchvision_on_hard_pixels(factor: float) -> None:
     rng = np.random.default_rng(11)
     pixels = np.concatenate([np.asarray(edges, np.float32), rng.uniform(size=(50, 3)).astype(np.float32)])
     img = pixels.reshape(8, 8, 3)
-    out = _run(lambda x: D._hue(x, fn.random.uniform(values=[factor])), img)
+    out = _run(lambda x: D._hue(x, fn.random.uniform(values=[6.0 * factor + 6.0])), img)
     ref = TF.adjust_hue(torch.from_numpy(img).permute(2, 0, 1), factor).permute(1, 2, 0).numpy()
     assert np.abs(out - ref[None]).max() < 1e-5
 
@@ -80,7 +83,7 @@ def test_hue_matches_torchvision_on_hard_pixels(factor: float) -> None:
 def test_jitter_order_is_per_sample_and_each_is_a_torchvision_order() -> None:
     img = _image(7)
     ranges = [(f, f) for f in FACTORS]
-    out = _run(lambda x: D.jitter_torchvision(x, ranges, 1.0, "cpu"), img, conditionals=True)
+    out = _run(lambda x: D.jitter_torchvision(x, ranges, 1.0, "cpu"), img)
     orders = list(itertools.permutations(range(4)))
     refs = torch.stack([_tv(img, o) for o in orders]).numpy()  # [24, H, W, 3]
     err = np.abs(out[:, None] - refs[None]).reshape(N, len(orders), -1).max(-1)  # [N, 24]
@@ -103,7 +106,7 @@ def test_jitter_probability_and_random_factors() -> None:
     """p gates the whole jitter; with ranges the factors vary per sample and stay in [0, 1]."""
     img = _image(3)
     ranges = D.jitter_ranges(D.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.5))
-    out = _run(lambda x: D.jitter_torchvision(x, ranges, 0.5, "cpu"), img, conditionals=True)
+    out = _run(lambda x: D.jitter_torchvision(x, ranges, 0.5, "cpu"), img)
     untouched = np.abs(out - img[None]).reshape(N, -1).max(-1) < 1e-7
     assert 10 < int(untouched.sum()) < N - 10
     assert out.min() >= 0.0 and out.max() <= 1.0
@@ -171,3 +174,15 @@ def test_unknown_dali_decode_mode_is_one_clear_line(digits_converted) -> None:  
 
     with pytest.raises(UserError, match="data.dali_decode='thrice' is not one of once, twice"):
         _dali_two_views(digits_converted, "thrice", full_crop=True)
+
+
+def test_slot_table_replays_every_order() -> None:
+    """Re-derived: for each of the 24 orders, the blends the six slots apply (slots 0-2, then the hue,
+    then slots 3-5) are that order, each blend exactly once; row i is itertools.permutations' i-th."""
+    table = D._slot_table()
+    assert table.shape == (24, 6, 3)
+    for row, order in zip(table, itertools.permutations(range(4))):
+        assert set(row.sum(1).tolist()) <= {0.0, 1.0}  # a slot applies one blend or none
+        applied = [int(row[s].argmax()) for s in range(3) if row[s].any()]
+        applied += [3] + [int(row[s].argmax()) for s in range(3, 6) if row[s].any()]
+        assert tuple(applied) == order

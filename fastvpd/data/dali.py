@@ -9,17 +9,23 @@ crop_mirror_normalize (flip with hflip_p, the eval views' centre crop, mean/std)
 without a copy.
 
 `exact` (default) and `fused` render the rest in DALI, between the crop and crop_mirror_normalize:
-[autoaugment] -> colour jitter with prob p -> grayscale with prob grayscale_p -> gaussian_blur (sigma ~ U,
-a delta kernel when off). `exact` follows torchvision's ColorJitter per sample: the image goes to float
-[0, 1], four uniform keys per sample give a random order of the four ops, and DALI conditionals
-(`enable_conditionals=True`) route each sample through the ops in its order: brightness x*f, contrast
-blend with the mean of the image's grayscale, saturation blend with the pixel's grayscale (ITU-R 601
-weights, as torchvision), hue as torchvision's exact rgb->hsv->shift->rgb written in DALI arithmetic
-(DALI's fn.hue/fn.hsv are a linear approximation), each clamped to [0, 1]. That is hundreds of small
-DALI operators per batch (hue alone 72), so DALI's executor is launch-bound: on an H100 this ran 802
-two-view samples/s at 224 px (batch 256: 319 ms a batch, 25 ms of it GPU time, the host 16% busy).
-`fused` is the older, cheaper rendering, one fn.color_twist (fixed order, contrast pivot at mid-grey,
-linear hue): on 2 CPU cores it is 2.8x faster at 96 px and 8.8x at 32 px.
+[autoaugment] -> colour jitter with prob p -> grayscale with prob grayscale_p -> gaussian_blur (sigma ~ U, a
+delta kernel when off). `exact` follows torchvision's ColorJitter per sample: the image goes to float [0,
+1]; brightness x*f, contrast blend with the mean of the image's grey level, saturation blend with the
+pixel's grey level (torchvision's weights), hue as torchvision's exact rgb->hsv->shift->rgb (DALI's
+fn.hue/fn.hsv are a linear approximation), each clamped to [0, 1], in a per-sample random order of the four
+(one of the 24 permutations drawn per sample). DALI runs every arithmetic step as an operator of its own,
+and its executor's per-operator cost, not the pixels, set the speed on a GPU: the first rendering
+(conditionals routing each sample through its order, per-channel arithmetic: 1236 operators in the two-view
+pipeline) ran 802 two-view samples/s on an H100 (319 ms a batch for 25 ms of GPU work, the host 16 % busy).
+So the three blends are each one coord_transform (a per-sample 3x3 matrix over the channel axis, from the
+CPU) plus the contrast's mean, the hue's steps work on whole pixels (broadcasting), and the order is six
+blend slots around one hue (`_slot_table`), idle slots being the identity exactly: 248 operators in the
+two-view pipeline, no conditionals (not yet timed on a GPU). On 2 CPU cores it is 1.9x the first rendering
+where the operators are the cost, as on a GPU (337 against 178 two-view samples/s at 32 px), and slower
+where the pixels are, the idle slots costing their passes (31 against 41 at 224 px; `device` is the CPU path
+there, 220). `fused` is the older, cheaper rendering, one fn.color_twist (fixed order, contrast pivot at
+mid-grey, linear hue): on 2 CPU cores it is 2.8x faster at 96 px and 8.8x at 32 px.
 
 `device` renders the photometric half as the ffcv backend does: DALI decodes, crops, resizes and flips
 into uint8 (crop_mirror_normalize with dtype UINT8, no normalisation; the same random operators, in the
@@ -59,6 +65,7 @@ operators at once (the limit of the `exact` rendering on an H100: its host was 8
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,7 +85,15 @@ JITTER_MODES = ("exact", "fused", "device")
 # random-crop views: "twice" (one cropped decode per view, fn.decoders.image_random_crop) or "once" (one
 # full decode per sample, each view's crop and resize by fn.random_resized_crop on the decoded image)
 DECODE_MODES = ("once", "twice")
-_GREY = (0.299, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
+_GREY = np.asarray(G._GRAY_W, np.float32)  # torchvision rgb_to_grayscale weights (one definition)
+_EYE = np.eye(3, dtype=np.float32)
+_TO_GREY = np.tile(_GREY, (3, 1))  # every output channel the pixel's grey level
+# the hue's three sector formulas from q = ((max - r), (max - g), (max - b)) / (max - min): torchvision's
+# hr = bc - gc, hg = 2 + rc - bc, hb = 4 + gc - rc, as one affine map of the channel axis
+_SECTORS_M = [0.0, -1.0, 1.0, 1.0, 0.0, -1.0, -1.0, 1.0, 0.0]
+_SECTORS_T = [0.0, 2.0, 4.0]
+_PRECEDENCE = np.asarray([4.0, 2.0, 1.0], np.float32)  # torchvision's max-channel test order: r, g, b
+_HSV_OFFSETS = np.asarray([5.0, 3.0, 1.0], np.float32)  # hsv -> rgb: channel n of (R, G, B) uses k = n + 6h
 
 
 def _import_dali() -> Any:
@@ -92,88 +107,74 @@ def _import_dali() -> Any:
     return nvidia.dali
 
 
-def _grey(r: Any, g: Any, b: Any) -> Any:
-    return _GREY[0] * r + _GREY[1] * g + _GREY[2] * b
-
-
-def _channels(img: Any) -> tuple[Any, Any, Any]:
-    return img[:, :, 0], img[:, :, 1], img[:, :, 2]
-
-
-def _merge(r: Any, g: Any, b: Any) -> Any:
-    from nvidia.dali import fn
-
-    return fn.stack(r, g, b, axis=2, axis_name="C")
-
-
 def _clamp01(x: Any) -> Any:
     import nvidia.dali.math as dmath
 
     return dmath.clamp(x, 0.0, 1.0)
 
 
-def _brightness(img: Any, f: Any) -> Any:
-    """torchvision adjust_brightness on float [0, 1]: blend with black."""
-    return _clamp01(img * f)
+def _const(a: np.ndarray) -> Any:
+    from nvidia.dali import types
+
+    return types.Constant(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def _contrast(img: Any, f: Any) -> Any:
-    """torchvision adjust_contrast: blend with the mean of the image's grayscale (one scalar per image)."""
+def _slot_table() -> np.ndarray:
+    """[24, 6, 3]: for each order of (brightness, contrast, saturation, hue), which blend each of six
+    slots applies (one-hot over the three blends; zeros: the slot is the identity).
+
+    The hue is the only op not of the blend form, so it runs once, between slots 0-2 and slots 3-5: the
+    blends before it (in their order) fill slots 0.., those after it slots ..5; each blend has exactly
+    one active slot. Row i is `itertools.permutations(range(4))[i]`, position -> op.
+    """
+    table = np.zeros((24, 6, 3), np.float32)
+    for i, order in enumerate(itertools.permutations(range(4))):
+        blends = [op for op in order if op != 3]
+        before = order.index(3)  # how many blends precede the hue
+        for j, op in enumerate(blends):
+            table[i, j if j < before else 3 + j, op] = 1.0
+    return table
+
+
+def _blend(img: Any, m: Any, offset: Any) -> Any:
+    """One of torchvision's blends, clamped: brightness f*x, contrast f*x + (1-f)*mean(grey(x)), saturation
+    f*x + (1-f)*grey(x) are all x -> clamp(M x + b . mean_hw(x)): M (3x3) and b (1x3) per sample, a
+    coord_transform over the channel axis each (the identity M and a zero b leave x as it is, exactly)."""
     from nvidia.dali import fn
 
-    mean = fn.reductions.mean(_grey(*_channels(img)))
-    return _clamp01(img * f + (1.0 - f) * mean)
+    mean = fn.reductions.mean(img, axes=[0, 1], keep_dims=True)  # [1, 1, 3]: the channels' means
+    return _clamp01(fn.coord_transform(img, M=m) + fn.coord_transform(mean, M=offset))
 
 
-def _saturation(img: Any, f: Any) -> Any:
-    """torchvision adjust_saturation: blend with the pixel's grayscale."""
-    r, g, b = _channels(img)
-    grey = _grey(r, g, b)
-    return _merge(*(_clamp01(c * f + (1.0 - f) * grey) for c in (r, g, b)))
+def _hue(img: Any, shift6: Any) -> Any:
+    """torchvision adjust_hue on float [0, 1] HWC: its _rgb2hsv, the shift, its _hsv2rgb, channel-wise ops
+    over the whole image (broadcasting) so each step is one DALI operator (28 in all).
 
-
-def _hue(img: Any, f: Any) -> Any:
-    """torchvision adjust_hue (f in turns, [-0.5, 0.5]): its _rgb2hsv, shift mod 1, _hsv2rgb, in fewer ops.
-
-    DALI runs every arithmetic step as an operator of its own (one pass over the pixels each; its
-    arithmetic operator takes one function node per instance), so the op count is the cost. Two exact
-    rewrites of torchvision's maths cut it from 116 operators to 72:
+    `shift6` = 6 * (hue factor) + 6 per sample, on the op device. Exact rewrites of torchvision's maths:
+    - rgb -> hsv: its three sector formulas as one affine map of q = (max - c) / (max - min); the sector
+      test (max = r, else max = g, else b) as a priority code: the largest of (c = max) * (4, 2, 1);
     - hsv -> rgb without the six sectors: channel n (R 5, G 3, B 1) is v - v*s*clamp(min(k, 4 - k), 0, 1)
-      with k = (n + 6h) mod 6, which is torchvision's p/q/t/v pick in every sector;
+      with k = (n + 6h) mod 6, torchvision's p/q/t/v pick in every sector;
     - the two `mod 1` of the hue go into that `mod 6`: k = (n + 6 + h_raw + 6f) mod 6, where h_raw in
-      [-1, 5] is the hue before torchvision's `/6 + 1` and the shift, 6f in [-3, 3].
+      [-1, 5] is the hue before torchvision's `/6 + 1` and the shift.
     Where max = min (grey), torchvision sets s = 0 and the divisors to 1: here s = cr/(max + eq) and the
     divisor cr + eq, the same values since cr = 0 there.
     """
     import nvidia.dali.math as dmath
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn
 
-    def fl(x: Any) -> Any:
-        return fn.cast(x, dtype=types.FLOAT)
-
-    r, g, b = _channels(img)
-    maxc = dmath.max(dmath.max(r, g), b)
-    minc = dmath.min(dmath.min(r, g), b)
+    maxc = fn.reductions.max(img, axes=2, keep_dims=True)  # [H, W, 1]
+    minc = fn.reductions.min(img, axes=2, keep_dims=True)
     cr = maxc - minc
-    eqc = fl(maxc == minc)
+    eqc = maxc == minc  # bool, promoted to float below
     s = cr / (maxc + eqc)
-    crd = cr + eqc
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
-    is_r = fl(maxc == r)
-    not_r = 1.0 - is_r
-    is_g_raw = fl(maxc == g)
-    is_g = is_g_raw * not_r
-    is_b = (1.0 - is_g_raw) * not_r
-    h_raw = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)  # torchvision's h * 6 - 6
-    shifted = h_raw + 6.0 * f + 6.0
-    vs = maxc * s
-
-    def channel(n: float) -> Any:
-        x = shifted + n
-        k = x - 6.0 * dmath.floor(x * (1.0 / 6.0))  # x mod 6 (floor and * are documented on GPU; % is not)
-        return maxc - vs * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
-
-    return _merge(channel(5.0), channel(3.0), channel(1.0))
+    q = (maxc - img) / (cr + eqc)  # (rc, gc, bc)
+    sectors = fn.coord_transform(q, M=_SECTORS_M, T=_SECTORS_T)  # (hr, hg, hb) before the masks
+    code = fn.reductions.max((img == maxc) * _const(_PRECEDENCE), axes=2, keep_dims=True)
+    h_raw = fn.reductions.sum((code == _const(_PRECEDENCE)) * sectors, axes=2, keep_dims=True)
+    x = (h_raw + shift6) + _const(_HSV_OFFSETS)  # [H, W, 3]
+    k = x - 6.0 * dmath.floor(x * (1.0 / 6.0))  # x mod 6 (floor and * are documented on GPU; % is not)
+    return maxc - (maxc * s) * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
 
 
 def jitter_ranges(j: ColorJitter) -> list[tuple[float, float]]:
@@ -183,36 +184,53 @@ def jitter_ranges(j: ColorJitter) -> list[tuple[float, float]]:
 
 
 def jitter_torchvision(img: Any, ranges: list[tuple[float, float]], p: float, op_dev: str) -> Any:
-    """ColorJitter with per-sample factors and op order (needs conditionals); float [0, 1] in and out.
+    """ColorJitter applied with probability p, per-sample factors ~ U(ranges[k]) and a per-sample uniformly
+    random order of the four ops (torchvision's torch.randperm(4)); float [0, 1] HWC in and out.
 
-    Factors ~ U(ranges[k]) (a point range gives that factor). The order is the ranking of four uniform
-    keys (a uniformly random permutation); at each position an if/elif chain over per-sample predicates
-    sends every sample through the op ranked there.
+    No conditionals: the order is a draw of one of the 24 permutations, and `_slot_table` turns it into
+    six blend slots around one hue, each slot's 3x3 matrix and offset computed per sample on the CPU from
+    the factors (identity where the slot is idle or the jitter is off); the hue is mixed in by the coin
+    (x + on * (hue(x) - x): exactly x when off) and left out of the graph when its range is 0.
     """
     from nvidia.dali import fn, types
 
-    def to_dev(x: Any) -> Any:
-        return x.gpu() if op_dev == "gpu" else x
-
-    on = fn.random.coin_flip(probability=p, dtype=types.BOOL)
-    factors = [
-        to_dev(fn.random.uniform(values=[lo]) if lo == hi else fn.random.uniform(range=[lo, hi]))
-        for lo, hi in ranges
-    ]
-    keys = [fn.random.uniform(range=[0.0, 1.0]) for _ in range(4)]
-    ranks = [sum(fn.cast(keys[o] < keys[k], dtype=types.INT32) for o in range(4) if o != k) for k in range(4)]
-    ops = (_brightness, _contrast, _saturation, _hue)
-    if on:
-        for pos in range(4):
-            if ranks[0] == pos:
-                img = ops[0](img, factors[0])
-            elif ranks[1] == pos:
-                img = ops[1](img, factors[1])
-            elif ranks[2] == pos:
-                img = ops[2](img, factors[2])
-            else:
-                img = ops[3](img, factors[3])
+    on = fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+    order = fn.random.choice(24)
+    slots = _const(_slot_table())[order]  # [6, 3]
+    lo = np.asarray([r[0] for r in ranges[:3]], np.float32)
+    hi = np.asarray([r[1] for r in ranges[:3]], np.float32)
+    u = fn.random.uniform(range=[0.0, 1.0], shape=[3])
+    df = on * (_const(lo - 1.0) + u * _const(hi - lo))  # factor - 1 of each blend; 0 when off
+    coef = slots * df  # [6, 3]: slot s applies blend k with factor 1 + coef[s, k]
+    # M_s = a_s I + b_s grey: a = 1 + sum_k coef[s, k] (the factor), b = -coef[s, 2] (saturation's 1 - f)
+    ab = fn.coord_transform(coef, M=[1.0, 1.0, 1.0, 0.0, 0.0, -1.0], T=[1.0, 0.0])  # [6, 2]
+    flat = ab[:, 0:1] * _const(_EYE.reshape(1, 9)) + ab[:, 1:2] * _const(_TO_GREY.reshape(1, 9))
+    mats = fn.reshape(flat, shape=[6, 3, 3])
+    # contrast's offset: (1 - f) * mean grey = -coef[s, 1] * (grey weights . channel means)
+    offs = np.zeros((3, 3), np.float32)
+    offs[:, 1] = -_GREY
+    offsets = fn.reshape(fn.coord_transform(coef, M=offs.ravel().tolist()), shape=[6, 1, 3])
+    for slot in range(3):
+        img = _blend(img, mats[slot], offsets[slot])
+    lo_h, hi_h = ranges[3]
+    if (lo_h, hi_h) != (0.0, 0.0):  # torchvision skips a zero hue range
+        f_h = fn.random.uniform(range=[lo_h, hi_h]) if lo_h != hi_h else fn.random.uniform(values=[lo_h])
+        shift6, gate = 6.0 * f_h + 6.0, on
+        if op_dev == "gpu":
+            shift6, gate = shift6.gpu(), gate.gpu()
+        img = img + gate * (_hue(img, shift6) - img)
+    for slot in range(3, 6):
+        img = _blend(img, mats[slot], offsets[slot])
     return img
+
+
+def grayscale(img: Any, p: float) -> Any:
+    """torchvision RandomGrayscale on float HWC: the grey level in all three channels with probability p
+    (one coord_transform per sample: the identity, exactly, otherwise)."""
+    from nvidia.dali import fn, types
+
+    grey = fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+    return fn.coord_transform(img, M=_const(_EYE) + grey * _const(_TO_GREY - _EYE))
 
 
 def _crop(jpegs: Any, view: ViewSpec, decode_dev: str, op_dev: str, decoded: Any = None) -> Any:
@@ -283,12 +301,8 @@ def _render_view(
         img = fn.cast(img, dtype=f32) * (1.0 / 255.0)
         img = jitter_torchvision(img, jitter_ranges(view.jitter), view.jitter.p, op_dev)
         scale = 1.0
-        if view.grayscale_p > 0:  # torchvision RandomGrayscale: the grey level in all three channels
-            keep = 1.0 - fn.cast(fn.random.coin_flip(probability=view.grayscale_p), dtype=f32)
-            if op_dev == "gpu":
-                keep = keep.gpu()
-            grey = _grey(*_channels(img))
-            img = _merge(*(keep * c + (1.0 - keep) * grey for c in _channels(img)))
+        if view.grayscale_p > 0:
+            img = grayscale(img, view.grayscale_p)
     else:
         sat_scale = None
         if view.grayscale_p > 0:
@@ -419,8 +433,7 @@ class DALILoader(LoaderBase):
             num_threads=max(1, self.workers // parts),
             device_id=self.device.index if cuda else None,
             seed=pseed,
-            enable_conditionals=self.jitter != "device"
-            and any(v.autoaugment or (v.jitter is not None and self.jitter == "exact") for v in spec.views),
+            enable_conditionals=self.jitter != "device" and any(v.autoaugment for v in spec.views),
             exec_dynamic=True,
         )
         def pipe() -> Any:
