@@ -152,3 +152,34 @@ def test_unknown_decode_mode_is_one_clear_line(digits_converted: Path) -> None:
 
     with pytest.raises(UserError, match="data.ffcv_decode='thrice' is not one of once, twice"):
         _two_views(digits_converted, "thrice", full_crop=True, hflip_p=0.0)
+
+
+def test_loader_construction_survives_cpythons_ast_race(
+    digits_converted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPython <= 3.11.7 can raise a spurious SystemError from FFCV's ast.parse while another loader's
+    thread compiles with numba (gh-106905; seen once in this suite). The backend builds FFCV's Loader again,
+    with the same pipelines, and the batches are those of an undisturbed build; any other SystemError, or the
+    race three times over, still raises."""
+    import ffcv.loader
+
+    real = ffcv.loader.Loader
+    fails = {"left": 1, "message": "AST constructor recursion depth mismatch (before=168, after=189)"}
+
+    def flaky(*a: object, **kw: object) -> object:
+        if fails["left"] > 0:
+            fails["left"] -= 1
+            raise SystemError(fails["message"])
+        return real(*a, **kw)
+
+    want = next(iter(_loader(digits_converted, seed=4)))
+    monkeypatch.setattr(ffcv.loader, "Loader", flaky)
+    got = next(iter(_loader(digits_converted, seed=4)))
+    assert fails["left"] == 0
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.views[0], want.views[0])
+    fails.update(left=3)
+    with pytest.raises(SystemError, match="recursion depth mismatch"):
+        _loader(digits_converted, seed=4)
+    fails.update(left=1, message="something else")
+    with pytest.raises(SystemError, match="something else"):
+        _loader(digits_converted, seed=4)

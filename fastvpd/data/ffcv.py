@@ -30,7 +30,7 @@ independent of threads, batch position, rank and resume point.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any
@@ -177,6 +177,20 @@ def _decode_groups(spec: AugSpec, decode: str) -> list[list[int]]:
     return list(groups.values())
 
 
+def _with_ast_race_retries(build: Callable[[], Any], tries: int = 3) -> Any:
+    """build(), again when CPython <= 3.11.7 / 3.12.1 raises its AST race (gh-106905: one global recursion
+    counter for every thread's ast.parse). FFCV's Loader generates its code with ast.parse while another
+    loader's thread may be compiling with numba, which parses its functions' source too; the clash is a
+    spurious SystemError, and a new attempt parses the same source cleanly."""
+    for attempt in range(tries):
+        try:
+            return build()
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e) or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 class FFCVLoader(LoaderBase):
     """ffcv.loader.Loader over OUT/<split>/<split>.beton, finished on the device by gpu_aug."""
 
@@ -270,15 +284,17 @@ class FFCVLoader(LoaderBase):
             pipelines[f] = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(dev, non_blocking=True)]
         path = manifest.path(split, "ffcv")
         try:
-            self.loader = Loader(
-                str(path),
-                batch_size=batch_size,
-                num_workers=workers if workers > 0 else -1,
-                order=_SharedOrder(),
-                drop_last=train,
-                pipelines=pipelines,
-                batches_ahead=2,
-                seed=seed,
+            self.loader = _with_ast_race_retries(
+                lambda: Loader(
+                    str(path),
+                    batch_size=batch_size,
+                    num_workers=workers if workers > 0 else -1,
+                    order=_SharedOrder(),
+                    drop_last=train,
+                    pipelines=pipelines,
+                    batches_ahead=2,
+                    seed=seed,
+                )
             )
         except (OSError, ValueError) as e:
             raise UserError(
