@@ -81,8 +81,8 @@ def test_backend_train_contract(digits_converted: Path, backend: str) -> None:
 def test_backend_train_contract_on_gpu(digits_converted: Path, backend: str) -> None:
     """On a GPU every backend hands over device views (DALI decodes with nvJPEG, `mixed`, one whole decode
     per sample or, `dali_twice`, a cropped decode per view; `dali_device` finishes DALI's uint8 crops with
-    the torch ops on the GPU, `dali_triton` with the Triton kernels; the cache sits in device memory), and
-    the same seed gives the same batches there too."""
+    the torch ops on the GPU, `dali_triton` with the Triton kernels, `dali_pipelines` from two pipelines
+    side by side; the cache sits in device memory), and the same seed gives the same batches there too."""
     if backend.startswith(("ffcv", "dali")):
         pytest.importorskip("ffcv" if backend == "ffcv" else "nvidia.dali")
     if backend == "dali_triton":
