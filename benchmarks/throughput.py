@@ -441,7 +441,7 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
             warmup_extra=4,
         ),
         Rung(
-            "+ CUDA graph, key encoder on a 2nd stream",
+            EAGER_2ND,
             (lambda: _package_rung(opts, device, True, False, overlap=True)) if gpu else None,
             "" if gpu else no_gpu,
             warmup_extra=4,
@@ -453,7 +453,7 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
     for label, stem in STEMS:
         rungs.append(
             Rung(
-                f"+ CUDA graph, 2nd stream, {label}",
+                eager_stem_rung(label),
                 (lambda stem=stem: _package_rung(opts, device, True, False, overlap=True, stem=stem))
                 if gpu
                 else None,
@@ -487,7 +487,7 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
             )
             rungs.append(
                 Rung(
-                    "+ torch.compile + CUDA graph, key encoder on a 2nd stream",
+                    COMPILED_2ND,
                     lambda: _package_rung(opts, device, True, True, overlap=True),
                     warmup_extra=4,
                 )
@@ -495,12 +495,12 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
             for label, stem in STEMS:
                 rungs.append(
                     Rung(
-                        f"+ torch.compile + CUDA graph, 2nd stream, {label}",
+                        compiled_stem_rung(label),
                         lambda stem=stem: _package_rung(opts, device, True, True, overlap=True, stem=stem),
                         warmup_extra=4,
                     )
                 )
-            fastest = Rung(f"+ torch.compile + CUDA graph, 2nd stream, {FASTEST_STEM}", None, uses_rows=True)
+            fastest = Rung(compiled_stem_rung(FASTEST_STEM), None, uses_rows=True)
 
             def build_fastest(rows: list[dict[str, Any]]) -> Callable[[], Any]:
                 label, stem, why = fastest_eager_stem(rows)
@@ -532,20 +532,28 @@ STEMS: tuple[tuple[str, tuple[int, str]], ...] = (
     ("stem as im2col + GEMM", (3, "im2col")),
 )
 FASTEST_STEM = "the eager rungs' fastest stem"
-_EAGER_STEM_BASE = "+ CUDA graph, key encoder on a 2nd stream"
+# the rung names the stem pickers below read back from the rows
+EAGER_2ND = "+ CUDA graph, key encoder on a 2nd stream"
+COMPILED_2ND = "+ torch.compile + CUDA graph, key encoder on a 2nd stream"
+
+
+def eager_stem_rung(label: str) -> str:
+    return f"+ CUDA graph, 2nd stream, {label}"
+
+
+def compiled_stem_rung(label: str) -> str:
+    return f"+ torch.compile + CUDA graph, 2nd stream, {label}"
 
 
 def fastest_eager_stem(rows: Sequence[dict[str, Any]]) -> tuple[str, tuple[int, str] | None, str]:
     """(label, stem, why): the stem whose eager captured rung beat the plain stem's (the 2nd-stream rung,
     same run) by the most, or stem None when none was measured or none beat it (nothing worth a compile)."""
     ok = {r["name"]: r["samples_s"] for r in rows if r.get("status") == "ok"}
-    base = ok.get(_EAGER_STEM_BASE)
+    base = ok.get(EAGER_2ND)
     if base is None:
-        return "", None, f"'{_EAGER_STEM_BASE}' was not measured in this run: no eager baseline to beat"
+        return "", None, f"'{EAGER_2ND}' was not measured in this run: no eager baseline to beat"
     timed = [
-        (ok[f"+ CUDA graph, 2nd stream, {label}"], label, stem)
-        for label, stem in STEMS
-        if f"+ CUDA graph, 2nd stream, {label}" in ok
+        (ok[eager_stem_rung(label)], label, stem) for label, stem in STEMS if eager_stem_rung(label) in ok
     ]
     if not timed:
         return "", None, "no eager stem rung was measured in this run"
@@ -967,14 +975,14 @@ def profiled_form(rows: Sequence[dict[str, Any]], device: torch.device) -> tuple
     plain = ok.get("+ torch.compile + CUDA graph")
     if plain is not None:
         forms.append((plain, False, (3, "direct")))
-    second = ok.get("+ torch.compile + CUDA graph, key encoder on a 2nd stream")
+    second = ok.get(COMPILED_2ND)
     if second is not None:
         forms.append((second, True, (3, "direct")))
     for label, stem in STEMS:
-        rate = ok.get(f"+ torch.compile + CUDA graph, 2nd stream, {label}")
+        rate = ok.get(compiled_stem_rung(label))
         if rate is not None:
             forms.append((rate, True, stem))
-    picked = ok.get(f"+ torch.compile + CUDA graph, 2nd stream, {FASTEST_STEM}")
+    picked = ok.get(compiled_stem_rung(FASTEST_STEM))
     stem = fastest_eager_stem(rows)[1]
     if picked is not None and stem is not None:
         forms.append((picked, True, stem))

@@ -37,9 +37,9 @@ kernel on CPU, and on a GPU by triton_aug's kernels (`data.aug_kernel=triton`, o
 loads; only this mode takes them) or the torch ops (`data.compile_aug`: through torch.compile);
 AutoAugment views run torchvision's AutoAugment eagerly on the device first.
 On 2 CPU cores (1024 synthetic ImageNet-like JPEGs, batch 64, 2 DALI threads, 2 torch threads, three
-interleaved rounds) `exact` / `fused` / `device` fed 37.1-38.4 / 65.0-72.7 / 155-191 two-view samples/s
-at 224 px and 119-131 / 338-349 / 442-542 at 96 px. Not yet timed on a GPU. Ten-crop eval is not
-rendered here (use cache or torchvision).
+interleaved rounds) the first `exact` rendering / `fused` / `device` fed 37.1-38.4 / 65.0-72.7 / 155-191
+two-view samples/s at 224 px and 119-131 / 338-349 / 442-542 at 96 px. Not yet timed on a GPU. Ten-crop
+eval is not rendered here (use cache or torchvision).
 
 Decoding (`data.dali_decode`): `once` (default) decodes each JPEG whole, once, and cuts every view from
 it with `random_resized_crop` (same area/ratio sampler and fallback as the cropped decoder); `twice`
@@ -394,6 +394,9 @@ class DALILoader(LoaderBase):
                 f"data.dali_pipelines={pipelines} must divide the batch size ({batch_size}): each pipeline "
                 "renders an equal slice of every batch"
             )
+        # each pipeline's samples: its sub-shard of world*P (the smallest one, for P > 1: DALI's shard sizes
+        # differ by one at most), or with one pipeline this rank's shard
+        self._per_pipe = self._per_rank if self.pipelines == 1 else n // (world_size * self.pipelines)
         self.workers = workers if workers > 0 else max(1, torch.get_num_threads())
         self._pipes: list[Any] = []
         # data.dali_jitter=device: DALI hands over uint8 crops; jitter, grayscale, blur, normalise (and
@@ -425,8 +428,7 @@ class DALILoader(LoaderBase):
             else mix_seed(self.seed, epoch, self.rank, parts, part)
         )
         pseed %= 1 << 31
-        sub = self._per_rank if parts == 1 else self.num_samples // (self.world_size * parts)
-        fill = max(1, min(SHUFFLE_BUFFER, sub))
+        fill = max(1, min(SHUFFLE_BUFFER, self._per_pipe))
 
         @pipeline_def(
             batch_size=self.batch_size // parts,
@@ -518,9 +520,6 @@ class DALILoader(LoaderBase):
             yield Batch(views, lab, idx)
 
     def __len__(self) -> int:
-        parts = self.pipelines
-        if parts == 1:
-            return num_batches(self._per_rank, self.batch_size, self.train)
-        # the smallest sub-shard (DALI's shard sizes differ by one at most) sets every pipeline's epoch; as
-        # P divides B, (N // (W*P)) // (B/P) >= ((N // W) // B), so a rank with a whole batch keeps one
-        return (self.num_samples // (self.world_size * parts)) // (self.batch_size // parts)
+        # each pipeline's epoch: its sub-shard's whole slices of batch/P; as P divides B,
+        # (N // (W*P)) // (B/P) >= (N // W) // B, so a rank with a whole batch keeps one
+        return num_batches(self._per_pipe, self.batch_size // self.pipelines, self.train)

@@ -1218,13 +1218,12 @@ class ViewFinisher:
         out = []
         for vi, (view, x) in enumerate(zip(self.views, images)):
             mean, std = self.norms[vi]
-            if view.autoaugment:  # data-dependent: eager
+            ph = sample_photometric(view, x.shape[0], self.gen, self.device)
+            if view.autoaugment:  # data-dependent: eager (its own seed: the draws above are unchanged)
                 xf = x.to(torch.float32, memory_format=torch.channels_last).div_(255.0)
                 xf = autoaugment_(xf, seed + vi)
-                ph = sample_photometric(view, x.shape[0], self.gen, self.device)
                 out.append(photometric(xf, view, ph, None, mean, std, self.dtype, self.consts))
                 continue
-            ph = sample_photometric(view, x.shape[0], self.gen, self.device)
             if self.triton:
                 out.append(triton_aug.render_images(x, view, ph, mean, std, self.dtype))
                 continue
