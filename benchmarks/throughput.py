@@ -58,8 +58,8 @@ RECIPE_PRETRAIN_EPOCHS = 800
 RECIPE_DISTILL_EPOCHS = 100
 LOADER_BACKENDS = (
     "torchvision", "ffcv", "ffcv_once", "ffcv_triton", "dali", "dali_fused", "dali_twice", "dali_device",
-    "dali_triton", "dali_x4", "dali_triton_x4", "cache", "cache_graphed", "cache_triton", "cache_compiled",
-    "cache_compiled_pointwise", "ffcv_compiled",
+    "dali_triton", "dali_x4", "dali_fused_x4", "dali_triton_x4", "cache", "cache_graphed", "cache_triton",
+    "cache_compiled", "cache_compiled_pointwise", "ffcv_compiled",
 )  # fmt: skip
 # loader rows that are a backend with non-default data.* settings: ffcv decoding each JPEG once per sample
 # for both views (instead of once per view), dali with the fused instead of the exact colour jitter
@@ -72,6 +72,7 @@ LOADER_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "dali_triton": ("dali", {"dali_jitter": "device", "aug_kernel": "triton"}),
     # four DALI pipelines side by side, a quarter of every batch each (data.dali_pipelines)
     "dali_x4": ("dali", {"dali_pipelines": "4"}),
+    "dali_fused_x4": ("dali", {"dali_jitter": "fused", "dali_pipelines": "4"}),
     "dali_triton_x4": ("dali", {"dali_jitter": "device", "aug_kernel": "triton", "dali_pipelines": "4"}),
     "cache_in_loader": ("cache", {"aug_in_step": "false"}),
     "cache_graphed": ("cache", {}),  # loaders: the views replayed from a CUDA graph (GPU only)

@@ -112,3 +112,27 @@ def test_eval_runs_one_pipeline_and_bad_counts_are_one_line(digits_converted: Pa
         _loader(digits_converted, 3)
     with pytest.raises(UserError, match="data.dali_pipelines must be >= 1"):
         _loader(digits_converted, 0)
+
+
+@pytest.mark.parametrize(("row", "jitter"), [("dali_x4", "exact"), ("dali_fused_x4", "fused")])
+def test_benchmark_x4_rows_time_four_pipelines(
+    digits_converted: Path, row: str, jitter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The throughput benchmark's `_x4` DALI rows run what their names say: four pipelines, each building
+    its own part, with the row's colour-jitter rendering."""
+    from benchmarks import throughput as tp
+    from fastvpd.data import dali as D
+
+    built: list[tuple[int, str, int]] = []
+    build = D.DALILoader._build
+
+    def spy(self: D.DALILoader, epoch: int, part: int = 0) -> object:
+        built.append((self.pipelines, self.jitter, part))
+        return build(self, epoch, part)
+
+    monkeypatch.setattr(D.DALILoader, "_build", spy)
+    opts = tp.Options(quick=True, res=RES, batch=BS, loader_batches=2, loader_workers=2)
+    opts.resolve(torch.device("cpu"))
+    result = tp.measure_one_loader(row, digits_converted, opts, torch.device("cpu"))
+    assert result["status"] == "ok" and result["samples_s"] > 0
+    assert sorted(built) == [(4, jitter, p) for p in range(4)]
