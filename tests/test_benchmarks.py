@@ -292,6 +292,23 @@ def test_stem_rungs_time_the_step_with_each_stem() -> None:
         assert torch.isfinite(out["loss"]).all()
 
 
+def test_the_planned_gpu_calls_rung_regex_selects_the_stem_rungs() -> None:
+    """benchmarks/README.md's first GPU call names its rungs by regex: it must still select the eager
+    baseline, the five eager stem rungs and the compiled picked-stem rung, and no other cold compile."""
+    import re
+
+    readme = (Path(tp.__file__).parent / "README.md").read_text()
+    regex = re.search(r"--rungs (\S+)\" bash benchmarks/gpu_suite.sh", readme)
+    assert regex is not None, "the README's call 1 lost its --rungs"
+    ladder = tp.moco_ladder(tp.Options(compile=True), torch.device("cuda"))  # builds nothing yet
+    picked = [r.name for r in ladder[1:] if re.search(regex.group(1), r.name)]
+    assert picked == [
+        tp.EAGER_2ND,
+        *(tp.eager_stem_rung(label) for label, _ in tp.STEMS),
+        tp.compiled_stem_rung(tp.FASTEST_STEM),
+    ]
+
+
 def test_fastest_eager_stem_is_picked_from_this_runs_rows() -> None:
     """The compiled `fastest stem` rung compiles the stem whose eager rung beat the plain stem's by the
     most in the same run, and nothing (a skip, with the reason) when none did or none was timed."""
