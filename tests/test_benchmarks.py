@@ -4,6 +4,7 @@ writer, the hardware sampler, the projection, and a small end-to-end run of the 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,8 +181,6 @@ def test_projection_adds_the_loaders_gpu_time_to_the_step() -> None:
 
 
 def test_hw_sampling_on_cpu() -> None:
-    import time
-
     with hw.HwMonitor(torch.device("cpu")) as mon:
         t0 = time.process_time()
         while time.process_time() - t0 < 0.1:  # well over os.times()'s 10 ms tick (a fixed loop can read 0)
