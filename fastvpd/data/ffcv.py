@@ -182,13 +182,13 @@ def _with_ast_race_retries(build: Callable[[], Any], tries: int = 3) -> Any:
     counter for every thread's ast.parse). FFCV's Loader generates its code with ast.parse while another
     loader's thread may be compiling with numba, which parses its functions' source too; the clash is a
     spurious SystemError, and a new attempt parses the same source cleanly."""
-    for attempt in range(tries):
+    for _ in range(tries - 1):
         try:
             return build()
         except SystemError as e:
-            if "recursion depth mismatch" not in str(e) or attempt == tries - 1:
+            if "recursion depth mismatch" not in str(e):
                 raise
-    raise AssertionError("unreachable")
+    return build()  # the last try: whatever it raises goes up
 
 
 class FFCVLoader(LoaderBase):
