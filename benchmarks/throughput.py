@@ -546,10 +546,15 @@ def compiled_stem_rung(label: str) -> str:
     return f"+ torch.compile + CUDA graph, 2nd stream, {label}"
 
 
+def _measured_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """rung name -> samples/s of the rows this run measured (skipped and failed rows left out)."""
+    return {r["name"]: r["samples_s"] for r in rows if r.get("status") == "ok"}
+
+
 def fastest_eager_stem(rows: Sequence[dict[str, Any]]) -> tuple[str, tuple[int, str] | None, str]:
     """(label, stem, why): the stem whose eager captured rung beat the plain stem's (the 2nd-stream rung,
     same run) by the most, or stem None when none was measured or none beat it (nothing worth a compile)."""
-    ok = {r["name"]: r["samples_s"] for r in rows if r.get("status") == "ok"}
+    ok = _measured_rates(rows)
     base = ok.get(EAGER_2ND)
     if base is None:
         return "", None, f"'{EAGER_2ND}' was not measured in this run: no eager baseline to beat"
@@ -971,7 +976,7 @@ def section_steps(opts: Options, device: torch.device, on_row: RowHook | None = 
 def profiled_form(rows: Sequence[dict[str, Any]], device: torch.device) -> tuple[bool, tuple[int, str]]:
     """(key encoder on a 2nd stream, stem) of the fastest compiled captured rung this run measured, so the
     profile shows the step that is the figure; the plain compiled step when none of them ran."""
-    ok = {r["name"]: r["samples_s"] for r in rows if r.get("status") == "ok"}
+    ok = _measured_rates(rows)
     forms: list[tuple[float, bool, tuple[int, str]]] = []
     plain = ok.get("+ torch.compile + CUDA graph")
     if plain is not None:

@@ -517,7 +517,7 @@ def adapt_stem(model: nn.Module, channels: int = 3, impl: str = "direct") -> int
     for conv in stems:
         square = conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
         plain = square and conv.padding[0] == conv.padding[1] and conv.dilation == (1, 1)
-        if impl != "direct" and not plain or impl == "s2d" and conv.stride[0] != 2:
+        if (impl != "direct" and not plain) or (impl == "s2d" and conv.stride[0] != 2):
             raise ConfigError(
                 f"model.stem_impl={impl} needs a square, undilated stem"
                 f"{' of stride 2' if impl == 's2d' else ''} (this one: {conv}); use model.stem_impl=direct"

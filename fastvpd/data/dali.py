@@ -60,7 +60,8 @@ Pipelines side by side (`data.dali_pipelines=P`, training): pipeline p of rank r
 of world*P (together exactly rank r's shard, as floor(rP*N/(wP)) = floor(r*N/w)), with its own seed
 mix(seed, epoch, rank, P, p), and renders rows [p*B/P, (p+1)*B/P) of every batch: P executors launch
 operators at once (the limit of the `exact` rendering on an H100: its host was 84 % idle). An epoch is
-(N // (world*P)) // (B/P) batches, the smallest sub-shard's. Eval loaders keep one pipeline.
+(N // (world*P)) // (B/P) batches, the smallest sub-shard's: as P divides B, that is (N // world) // B, one
+pipeline's count. Eval loaders keep one pipeline.
 """
 
 from __future__ import annotations
@@ -521,5 +522,5 @@ class DALILoader(LoaderBase):
 
     def __len__(self) -> int:
         # each pipeline's epoch: its sub-shard's whole slices of batch/P; as P divides B,
-        # (N // (W*P)) // (B/P) >= (N // W) // B, so a rank with a whole batch keeps one
+        # (N // (W*P)) // (B/P) = (N // W) // B: the same epoch length as one pipeline's
         return num_batches(self._per_pipe, self.batch_size // self.pipelines, self.train)
