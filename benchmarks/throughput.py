@@ -481,7 +481,7 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
         if gpu:
             rungs.append(
                 Rung(
-                    "+ torch.compile + CUDA graph",
+                    COMPILED,
                     lambda: _package_rung(opts, device, True, True),
                     warmup_extra=4,
                 )
@@ -533,7 +533,8 @@ STEMS: tuple[tuple[str, tuple[int, str]], ...] = (
     ("stem as im2col + GEMM", (3, "im2col")),
 )
 FASTEST_STEM = "the eager rungs' fastest stem"
-# the rung names the stem pickers below read back from the rows
+# the rung names the stem pickers below (fastest_eager_stem, profiled_form) read back from the rows
+COMPILED = "+ torch.compile + CUDA graph"
 EAGER_2ND = "+ CUDA graph, key encoder on a 2nd stream"
 COMPILED_2ND = "+ torch.compile + CUDA graph, key encoder on a 2nd stream"
 
@@ -978,7 +979,7 @@ def profiled_form(rows: Sequence[dict[str, Any]], device: torch.device) -> tuple
     profile shows the step that is the figure; the plain compiled step when none of them ran."""
     ok = _measured_rates(rows)
     forms: list[tuple[float, bool, tuple[int, str]]] = []
-    plain = ok.get("+ torch.compile + CUDA graph")
+    plain = ok.get(COMPILED)
     if plain is not None:
         forms.append((plain, False, (3, "direct")))
     second = ok.get(COMPILED_2ND)
