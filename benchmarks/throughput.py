@@ -977,26 +977,18 @@ def section_steps(opts: Options, device: torch.device, on_row: RowHook | None = 
 def profiled_form(rows: Sequence[dict[str, Any]], device: torch.device) -> tuple[bool, tuple[int, str]]:
     """(key encoder on a 2nd stream, stem) of the fastest compiled captured rung this run measured, so the
     profile shows the step that is the figure; the plain compiled step when none of them ran."""
+    plain: tuple[bool, tuple[int, str]] = (False, (3, "direct"))
+    if device.type != "cuda":
+        return plain
+    # (rung, its form): the compiled rungs, in the ladder's order (the first of equal rates wins)
+    candidates = [(COMPILED, plain), (COMPILED_2ND, (True, (3, "direct")))]
+    candidates += [(compiled_stem_rung(label), (True, stem)) for label, stem in STEMS]
+    picked = fastest_eager_stem(rows)[1]
+    if picked is not None:
+        candidates.append((compiled_stem_rung(FASTEST_STEM), (True, picked)))
     ok = _measured_rates(rows)
-    forms: list[tuple[float, bool, tuple[int, str]]] = []
-    plain = ok.get(COMPILED)
-    if plain is not None:
-        forms.append((plain, False, (3, "direct")))
-    second = ok.get(COMPILED_2ND)
-    if second is not None:
-        forms.append((second, True, (3, "direct")))
-    for label, stem in STEMS:
-        rate = ok.get(compiled_stem_rung(label))
-        if rate is not None:
-            forms.append((rate, True, stem))
-    picked = ok.get(compiled_stem_rung(FASTEST_STEM))
-    stem = fastest_eager_stem(rows)[1]
-    if picked is not None and stem is not None:
-        forms.append((picked, True, stem))
-    if not forms or device.type != "cuda":
-        return False, (3, "direct")
-    _, overlap, stem = max(forms, key=lambda f: f[0])
-    return overlap, stem
+    forms = [(ok[name], form) for name, form in candidates if name in ok]
+    return max(forms, key=lambda f: f[0])[1] if forms else plain
 
 
 # ---------------------------------------------------------------------------------------------- distillation
