@@ -368,6 +368,10 @@ def _reference_rung(
     return step
 
 
+# (model.stem_channels, model.stem_impl) of the plain 3-channel cuDNN stem: the MoCo step's own rungs
+PLAIN_STEM: tuple[int, str] = (3, "direct")
+
+
 def _package_rung(
     opts: Options,
     device: torch.device,
@@ -377,7 +381,7 @@ def _package_rung(
     precision: Any = None,
     inductor: dict[str, Any] | None = None,
     overlap: bool = False,
-    stem: tuple[int, str] = (3, "direct"),
+    stem: tuple[int, str] = PLAIN_STEM,
 ) -> Callable[[], Any]:
     """The package's MoCo step; `inductor`: torch._inductor.config settings its compile runs under;
     `overlap`: the key encoder on a second CUDA stream (moco.overlap_key); `stem`: the stem's input
@@ -524,7 +528,7 @@ def moco_ladder(opts: Options, device: torch.device) -> list[Rung]:
     return rungs
 
 
-# (label, (model.stem_channels, model.stem_impl)) the ladder times; the MoCo step's own rungs use (3, direct)
+# (label, (model.stem_channels, model.stem_impl)) the ladder times besides PLAIN_STEM
 STEMS: tuple[tuple[str, tuple[int, str]], ...] = (
     ("stem input padded to 4 channels", (4, "direct")),
     ("stem input padded to 8 channels", (8, "direct")),
@@ -977,11 +981,11 @@ def section_steps(opts: Options, device: torch.device, on_row: RowHook | None = 
 def profiled_form(rows: Sequence[dict[str, Any]], device: torch.device) -> tuple[bool, tuple[int, str]]:
     """(key encoder on a 2nd stream, stem) of the fastest compiled captured rung this run measured, so the
     profile shows the step that is the figure; the plain compiled step when none of them ran."""
-    plain: tuple[bool, tuple[int, str]] = (False, (3, "direct"))
+    plain: tuple[bool, tuple[int, str]] = (False, PLAIN_STEM)
     if device.type != "cuda":
         return plain
     # (rung, its form): the compiled rungs, in the ladder's order (the first of equal rates wins)
-    candidates = [(COMPILED, plain), (COMPILED_2ND, (True, (3, "direct")))]
+    candidates = [(COMPILED, plain), (COMPILED_2ND, (True, PLAIN_STEM))]
     candidates += [(compiled_stem_rung(label), (True, stem)) for label, stem in STEMS]
     picked = fastest_eager_stem(rows)[1]
     if picked is not None:
@@ -1442,7 +1446,7 @@ def top_ops(events: Any, steps: int, on_device: bool, top: int = 12) -> list[dic
 
 
 def profile_step(
-    opts: Options, device: torch.device, overlap: bool = False, stem: tuple[int, str] = (3, "direct")
+    opts: Options, device: torch.device, overlap: bool = False, stem: tuple[int, str] = PLAIN_STEM
 ) -> dict[str, Any]:
     """torch.profiler trace (Chrome format, gzipped) of a few steps of the package's fastest step (compiled
     with --compile; `overlap`, `stem`: see _package_rung), and its top ops by self time."""
@@ -1473,7 +1477,7 @@ def profile_step(
     what = ("compiled " if opts.compile else "") + ("captured step" if gpu else "eager step")
     if overlap:
         what += ", key encoder on a 2nd stream"
-    if stem != (3, "direct"):
+    if stem != PLAIN_STEM:
         what += f", stem {stem[1]} on {stem[0]} channels"
     return {"status": "ok", "trace": path.name, "steps": steps, "what": what, "top": top}
 
