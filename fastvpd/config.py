@@ -33,10 +33,10 @@ class DataConfig:
     # dali backend colour jitter: exact (torchvision's per-sample op order and ops inside DALI: six
     # coord_transform blend slots around one exact hue; 248 DALI operators in the two-view pipeline, a
     # fifth of the conditional rendering that ran 802 samples/s on an H100, launch-bound) | fused (one
-    # color_twist: fixed order, mid-grey contrast pivot, linear hue; 3-9x faster on CPU) | device (DALI
-    # only decodes, crops and flips into uint8; jitter/grayscale/blur/normalise as the ffcv backend, on
-    # the loader's device with gpu_aug's torchvision-exact ops, data.aug_kernel=triton allowed; 2 CPU
-    # cores at 224 px: 220 two-view samples/s against exact's 31; not yet timed on a GPU)
+    # color_twist: fixed order, mid-grey contrast pivot, linear hue; 3-9x the first exact rendering on
+    # CPU) | device (DALI only decodes, crops and flips into uint8; jitter/grayscale/blur/normalise as the
+    # ffcv backend, on the loader's device with gpu_aug's torchvision-exact ops, data.aug_kernel=triton
+    # allowed; 2 CPU cores at 224 px: 220 two-view samples/s against exact's 31; not yet timed on a GPU)
     dali_jitter: str = "exact"
     # dali backend, random-crop views: once (one whole decode per sample, both views cut from it:
     # 1.1-1.2x the loader rate of `twice` at 224 px on 2 CPU cores; on a GPU, nvJPEG's hardware engine

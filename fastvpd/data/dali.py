@@ -25,7 +25,7 @@ two-view pipeline, no conditionals (not yet timed on a GPU). On 2 CPU cores it i
 where the operators are the cost, as on a GPU (337 against 178 two-view samples/s at 32 px), and slower
 where the pixels are, the idle slots costing their passes (31 against 41 at 224 px; `device` is the CPU path
 there, 220). `fused` is the older, cheaper rendering, one fn.color_twist (fixed order, contrast pivot at
-mid-grey, linear hue): on 2 CPU cores it is 2.8x faster at 96 px and 8.8x at 32 px.
+mid-grey, linear hue): on 2 CPU cores it was 2.8x the first `exact` rendering at 96 px and 8.8x at 32 px.
 
 `device` renders the photometric half as the ffcv backend does: DALI decodes, crops, resizes and flips
 into uint8 (crop_mirror_normalize with dtype UINT8, no normalisation; the same random operators, in the
