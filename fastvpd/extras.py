@@ -3,7 +3,7 @@
     nb = probe("numba")                        # the module, or None when the extra is not installed
     plt = require("matplotlib.pyplot", "demo", "the demo's chart")   # the module, or UserError naming the extra
 
-Core dependencies (torch, torchvision, numpy, pillow, pyyaml, omegaconf, tqdm, tensorboard, psutil) are
+Core dependencies (torch, torchvision, numpy, pillow, pyyaml, omegaconf, tqdm, tensorboard) are
 imported directly; everything here is in an extra of pyproject.toml.
 """
 
@@ -22,6 +22,7 @@ EXTRA_OF = {
     "ffcv": "ffcv",
     "nvidia.dali": "dali",
     "pynvml": "gpu",
+    "psutil": "gpu",
     "safetensors": "export",
     "timm": "test",
 }
