@@ -44,7 +44,7 @@ from pathlib import Path
 FATBIN_MAGIC = 0xBA55ED50
 KIND_PTX, KIND_ELF = 1, 2
 DALI_PKG = "nvidia-dali-cuda130==2.4.0"
-# On the GPU machine already (benchmarks/README: Python 3.12 with torch, numpy, pyyaml, ...): not carried.
+# On the GPU machine already (docs/gpu-runs.md: Python 3.12 with torch, numpy, pyyaml, ...): not carried.
 SKIP = ("numpy", "pyyaml", "typing_extensions")
 _EXT = re.compile(r"\.cpython-(\d)(\d+)t?-")
 

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.throughput import Options, _backend_available, _first_line, log, skipped, sync
+from benchmarks.harness import Options, first_line, log, skipped, sync
+from benchmarks.loaders import backend_available
 
 NO_GPU = "needs a CUDA GPU"
 JPEG_SOI = b"\xff\xd8"
@@ -220,7 +221,7 @@ def decoders(
 ) -> list[tuple[str, Callable[[], Decoder] | None, str]]:
     """(row name, factory of its decoder or None, why it is skipped) in report order."""
     cuda = device.type == "cuda" and torch.cuda.is_available()
-    no_dali = _backend_available("dali")  # "" when nvidia.dali imports here, else why not
+    no_dali = backend_available("dali")  # "" when nvidia.dali imports here, else why not
     return [
         (PIL_ROW, lambda: pil_decoder(batches), ""),
         (TV_CPU_ROW, lambda: torchvision_decoder(batches, torch.device("cpu")), ""),
@@ -264,7 +265,7 @@ def measure_decoders(
             log(f"decode {name}: {rows[-1]['images_per_s']:.0f} images/s")
         except Exception as e:  # one decoder failing must not sink the report
             traceback.print_exc()
-            rows.append(skipped(name, _first_line(e), status="failed"))  # shown as "failed: ..."
+            rows.append(skipped(name, first_line(e), status="failed"))  # shown as "failed: ..."
         finally:
             del decoder
             if device.type == "cuda":
@@ -287,13 +288,13 @@ def section_decode(root: Path, opts: Options, device: torch.device) -> dict[str,
         batches = load_batches(files, opts.batch, count)
         sizes = jpeg_sizes(batches)
     except Exception as e:
-        return {"status": "failed", "reason": f"no JPEGs to decode ({_first_line(e)})", "rows": []}
+        return {"status": "failed", "reason": f"no JPEGs to decode ({first_line(e)})", "rows": []}
     log(f"decode: {count - 1} timed batches of {opts.batch} JPEGs (+1 warm-up), bytes in memory")
     try:
         rows = measure_decoders(batches, device, opts.loader_workers, sizes)
     except Exception as e:
         traceback.print_exc()
-        return {"status": "failed", "reason": _first_line(e), "rows": []}
+        return {"status": "failed", "reason": first_line(e), "rows": []}
     px = [h * w for b in sizes for h, w in b]
     kb = [len(d) / 1e3 for b in batches for d in b]
     notes = [

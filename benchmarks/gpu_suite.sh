@@ -7,7 +7,7 @@
 # Fill wheels/ first on a networked machine: bash benchmarks/fetch_wheels.sh (and carry wheels/ along).
 # Name the commit you sent (a copied tree's git metadata may lag its files; results.json records this):
 #   FASTVPD_GIT_COMMIT=1a2b3c4 bash benchmarks/gpu_suite.sh
-# The compiled calls a GPU session makes (see benchmarks/README.md, "A GPU session"): BENCH_ARGS="--compile ..."
+# The calls a GPU session makes (docs/gpu-runs.md, "The planned calls"): BENCH_ARGS="--compile ..."
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"

@@ -15,7 +15,7 @@ one kernel, and the bytes of its tensor inputs read plus outputs written. Conven
 - host syncs (`.item()`, `nonzero`, ...) are counted separately in `.syncs`.
 
 A model: caches and compiler fusion are ignored. CLI: `python benchmarks/traffic.py aug --estimate-tbs 3`;
-`python benchmarks/traffic.py moco --split-bn fused` (or `distill`) models a whole eager training step.
+`python benchmarks/traffic.py moco` (or `distill`) models a whole eager training step.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def synthetic_store(n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 def aug_report(batch: int, res: int, tbs: float | None, reps: int = 3) -> str:
     """Traffic and CPU time of the fixed-shape (GPU, capturable) two-view moco_v2 render."""
-    from fastvpd.data.gpu_aug import PixelAugmenter
+    from fastvpd.data.augment import PixelAugmenter
     from fastvpd.data.spec import moco_v2
 
     pixels, offsets, H, W = synthetic_store(batch)
@@ -231,9 +231,9 @@ class StepModel:
 
 
 def step_fn(
-    net: str, arch: str, res: int, batch: int, split_bn: str, amp: torch.dtype | None = torch.bfloat16
+    net: str, arch: str, res: int, batch: int, amp: torch.dtype | None = torch.bfloat16
 ) -> Callable[[], Any]:
-    """The package's eager training step as benchmarks/throughput.py times it, channels-last, with bf16
+    """The package's eager training step as the benchmark's ladders time it, channels-last, with bf16
     autocast on the CPU so that every tensor has the dtype (and so the size) it has in a GPU bf16 step.
     (`amp=None` counts an fp32 step: CPU bf16 convolutions take a slow path, too slow for the tests.)"""
     import sys
@@ -242,16 +242,18 @@ def step_fn(
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
-    from benchmarks import throughput as tp
+    from benchmarks.distill_steps import DistillForm, distill_step_for
+    from benchmarks.harness import Options
+    from benchmarks.moco_steps import MocoForm, package_step_for
     from fastvpd.step import Precision
 
     cpu = torch.device("cpu")
     precision = Precision("none", cpu)
     precision.dtype = amp  # Precision keeps CPU runs in fp32; the model wants a GPU's dtypes
-    opts = tp.Options(arch=arch, res=res, batch=batch, queue=4096)
+    opts = Options(arch=arch, res=res, batch=batch, queue=4096)
     if net == "moco":
-        return tp._package_rung(opts, cpu, False, False, split_bn, precision=precision)
-    return tp._distill_rung(opts, cpu, True, "none", False, precision=precision)
+        return package_step_for(opts, cpu, MocoForm(), precision=precision)
+    return distill_step_for(opts, cpu, DistillForm(), precision=precision)
 
 
 def step_model(
@@ -259,7 +261,6 @@ def step_model(
     arch: str,
     res: int,
     batches: tuple[int, int],
-    split_bn: str = "blocks",
     amp: torch.dtype | None = torch.bfloat16,
     say: Callable[[str], None] | None = None,
 ) -> StepModel:
@@ -273,7 +274,7 @@ def step_model(
     for b in batches:
         if say is not None:
             say(f"counting one {net} step at batch {b} (a few minutes for ResNet-50 at 224 px on a CPU) ...")
-        step = step_fn(net, arch, res, b, split_bn, amp)
+        step = step_fn(net, arch, res, b, amp)
         step()
         counts.append(count_traffic(step))
     t0, t1 = counts
@@ -286,7 +287,7 @@ def step_model(
     for op, (kernels, by1) in t1.per_op.items():
         fixed, per = fit(t0.per_op.get(op, [0, 0])[1], by1)
         rows.append((op, kernels, fixed, per))
-    label = f"{net} step, {arch} at {res} px" + (f", split-BN {split_bn}" if net == "moco" else "")
+    label = f"{net} step, {arch} at {res} px"
     label += ", bf16 autocast" if amp == torch.bfloat16 else f", {amp or torch.float32}"
     return StepModel(label, (b0, b1), t1.kernels, *fit(t0.bytes, t1.bytes), *fit(t0.flops, t1.flops), rows)
 
@@ -317,7 +318,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="8,16", help="step: the two batch sizes counted on CPU")
     ap.add_argument("--at", type=int, default=256, help="step: batch to report")
     ap.add_argument("--arch", default="resnet50")
-    ap.add_argument("--split-bn", default="blocks", choices=("blocks", "fused"), help="moco: split-BN")
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--estimate-tbs", type=float, default=None, help="HBM TB/s for a lower-bound time")
     ap.add_argument("--estimate-tflops", type=float, default=989.0, help="step: dense bf16 TFLOP/s")
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError
     except ValueError:
         ap.error(f"--batches {a.batches!r}: two increasing batch sizes, e.g. 8,16")
-    m = step_model(a.what, a.arch, a.res, (b0, b1), a.split_bn, say=lambda msg: print(msg, flush=True))
+    m = step_model(a.what, a.arch, a.res, (b0, b1), say=lambda msg: print(msg, flush=True))
     print(step_report(m, a.at, a.estimate_tbs or 3.0, a.estimate_tflops))
 
 

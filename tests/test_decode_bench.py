@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from benchmarks import decode as dec
-from benchmarks import throughput as tp
+from benchmarks import report
+from benchmarks.harness import Options, skipped
 
 # (height, width, PIL mode, chroma subsampling: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0); odd sizes and a
 # greyscale JPEG, which every decoder must still return as 3-channel RGB
@@ -129,7 +130,7 @@ def test_section_decode_on_a_converted_tree(tmp_path: Path, jpegs: list[bytes]) 
     assert sorted(p.name for p in dec.jpeg_files(tmp_path / "out")) == [
         f"{i}.JPEG" for i in range(len(jpegs))
     ]
-    opts = tp.Options(batch=2, loader_batches=2, loader_workers=1)
+    opts = Options(batch=2, loader_batches=2, loader_workers=1)
     res = dec.section_decode(tmp_path / "out", opts, torch.device("cpu"))
     assert [r["name"] for r in res["rows"]] == list(dec.ROW_NAMES) and res["notes"]
     assert res["rows"][0]["status"] == "ok" and res["rows"][0]["batches"] == 2
@@ -141,26 +142,25 @@ def test_report_renders_the_decode_table() -> None:
     rows = [
         {"name": dec.PIL_ROW, "status": "ok", "images_per_s": 500.0, "ms_per_batch": 64.0, "speedup": 1.0},
         {"name": dec.TV_CPU_ROW, "status": "ok", "images_per_s": 900.0, "ms_per_batch": 35.5, "speedup": 1.8},
-        tp.skipped(dec.TV_CUDA_ROW, dec.NO_GPU),
-        tp.skipped(dec.DALI_CPU_ROW, "RuntimeError: boom", status="failed"),
+        skipped(dec.TV_CUDA_ROW, dec.NO_GPU),
+        skipped(dec.DALI_CPU_ROW, "RuntimeError: boom", status="failed"),
     ]
     res = {
         "meta": {"device_name": "cpu"},
         "loaders": {"rows": [], "notes": [], "decode": {"rows": rows, "notes": ["a decode note"]}},
     }
-    text = tp.render_text(res)
-    assert tp.DECODE_TITLE in text and "a decode note" in text
+    text = report.render_text(res)
+    assert report.DECODE_TITLE in text and "a decode note" in text
     assert any(
         line.startswith("torchvision.io.decode_jpeg (CPU)") and "1.80x" in line for line in text.splitlines()
     )
     assert "skipped: needs a CUDA GPU" in text and "failed: RuntimeError: boom" in text
-    md = tp.render_markdown(res)
-    assert (
-        f"### {tp.DECODE_TITLE}" in md and "| PIL | 500.0 | 1.00x | 64.0 |" in md and "- a decode note" in md
-    )
+    md = report.render_markdown(res)
+    assert f"### {report.DECODE_TITLE}" in md and "| PIL | 500.0 | 1.00x | 64.0 |" in md
+    assert "- a decode note" in md
     res["loaders"]["decode"] = {"status": "failed", "reason": "no JPEGs to decode (x)", "rows": []}
-    assert "failed: no JPEGs to decode (x)" in tp.render_text(res)
-    assert "failed: no JPEGs to decode (x)" in tp.render_markdown(res)
+    assert "failed: no JPEGs to decode (x)" in report.render_text(res)
+    assert "failed: no JPEGs to decode (x)" in report.render_markdown(res)
 
 
 def _luma_mean_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -64,7 +64,7 @@ def test_syncs_and_flops_are_counted() -> None:
 
 
 def _fixed_shape_render_traffic(batch: int, res: int) -> T.Traffic:
-    from fastvpd.data.gpu_aug import PixelAugmenter
+    from fastvpd.data.augment import PixelAugmenter
     from fastvpd.data.spec import moco_v2
 
     pixels, offsets, H, W = T.synthetic_store(batch)
@@ -92,8 +92,8 @@ def test_cli_report_is_labelled_as_a_model() -> None:
 
 
 # ---------------------------------------------------------------------------------- training-step model
-def _tiny_step(net: str, batch: int, split_bn: str = "blocks") -> T.Traffic:
-    step = T.step_fn(net, "resnet18", 16, batch, split_bn, amp=None)
+def _tiny_step(net: str, batch: int) -> T.Traffic:
+    step = T.step_fn(net, "resnet18", 16, batch, amp=None)
     step()  # the optimizer's momentum buffers exist from the second step on, as in training
     return T.count_traffic(step)
 
@@ -108,7 +108,7 @@ def test_step_model_fits_fixed_plus_per_sample_and_extrapolates() -> None:
     optimizer = [(fixed, per) for op, _, fixed, per in m.rows if op.startswith("_foreach")]
     assert optimizer and all(fixed > 0 and abs(per) < 1 for fixed, per in optimizer)  # batch-independent
     report = T.step_report(m, 256, tbs=3.0, tflops=989.0)
-    assert "MODEL, not a measurement" in report and "moco step, resnet18 at 16 px, split-BN blocks" in report
+    assert "MODEL, not a measurement" in report and "moco step, resnet18 at 16 px, torch.float32" in report
 
 
 def test_batch_norm_in_training_is_a_statistics_pass_plus_an_elementwise_pass() -> None:
@@ -122,14 +122,11 @@ def test_batch_norm_in_training_is_a_statistics_pass_plus_an_elementwise_pass() 
     assert evals.bytes - plane == plane + 4 * 4 * 4  # x once, y once; weight, bias, running mean, var
 
 
-def test_split_bn_modes_compared_by_the_model() -> None:
-    """`fused` has no per-group BN call in its forward, but its statistics take two reductions before the
-    normalising pass where PyTorch's BN takes one: by the model it moves more bytes than `blocks`."""
-    blocks, fused = _tiny_step("moco", 16, "blocks"), _tiny_step("moco", 16, "fused")
-    assert fused.bytes > blocks.bytes
-    calls = {op: c for op, c, _ in blocks.by_op}
-    assert calls["native_batch_norm"] == 2 * 20 * 8 * 2  # 2 encoders, 20 BN layers, 8 groups; 2 passes each
-    assert "native_batch_norm" not in {op for op, _, _ in fused.by_op}
+def test_split_bn_is_one_bn_call_per_group_and_pass() -> None:
+    """Split-BN's block form runs PyTorch's BN once per group: two kernels each (statistics, then the
+    elementwise pass), so the model counts 2 encoders x 20 BN layers x 8 groups x 2 passes."""
+    calls = {op: c for op, c, _ in _tiny_step("moco", 16).by_op}
+    assert calls["native_batch_norm"] == 2 * 20 * 8 * 2
 
 
 def test_distill_step_is_modelled() -> None:
@@ -140,7 +137,7 @@ def test_distill_step_is_modelled() -> None:
 def test_step_cli_mistakes_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, said in (
         (["moco", "--batches", "16,8"], "two increasing batch sizes"),
-        (["moco", "--split-bn", "x"], "invalid choice"),
+        (["nonsense"], "invalid choice"),
     ):
         with pytest.raises(SystemExit) as e:
             T.main(argv)
