@@ -74,7 +74,7 @@ def replay_views():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def digits_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ImageFolder tree of the scikit-learn digits: train/ val/ (50 per class) and test/ (the rest)."""
-    from data_tools.make_digits import make_digits
+    from fastvpd.datasets.digits import make_digits
 
     out = tmp_path_factory.mktemp("digits_src")
     make_digits(out, seed=0)
@@ -84,7 +84,7 @@ def digits_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def digits_converted(digits_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """digits_src converted into every format (ffcv, dali, cache) with manifest.json."""
-    from data_tools.convert import convert
+    from fastvpd.convert import convert
 
     out = tmp_path_factory.mktemp("digits_conv")
     convert(digits_src, out, formats=("ffcv", "dali", "cache"), workers=2, progress=False)

@@ -1,5 +1,5 @@
-"""data_tools/convert.py and fastvpd.data.manifest: round trips through every format, bad inputs,
-re-runs, interrupted writes and manifest verification."""
+"""fastvpd.convert (data_tools/convert.py) and fastvpd.data.manifest: round trips through every format,
+bad inputs, unlabelled folders, re-runs, interrupted writes and manifest verification."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data_tools.convert as conv
-from data_tools.convert import convert, main
+import fastvpd.convert as conv
 from fastvpd.config import UserError
+from fastvpd.convert import cache as cache_writer
+from fastvpd.convert import convert, files, main, wds
+from fastvpd.convert import ffcv as ffcv_writer
 from fastvpd.data.manifest import Manifest
 
 JPEG_TOL = 6.0  # mean absolute difference (0..255) allowed after one JPEG re-encode at quality 90
@@ -380,7 +382,7 @@ def test_interrupted_write_leaves_nothing_a_reader_accepts(
     src, out = _tiny_tree(tmp_path / "src"), tmp_path / "out"
     kw = dict(formats=("dali", "cache"), workers=1, progress=False)
     with monkeypatch.context() as mp:
-        mp.setattr(conv, "_wds_job", _failing_after(2, conv._wds_job))  # dali is written first
+        mp.setattr(wds, "wds_job", _failing_after(2, wds.wds_job))  # dali is written first
         with pytest.raises(RuntimeError, match="simulated"):
             convert(src, out, **kw)
     with pytest.raises(UserError, match="convert.py"):
@@ -388,7 +390,7 @@ def test_interrupted_write_leaves_nothing_a_reader_accepts(
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.tar")) and not list(out.rglob("*.idx"))
 
     with monkeypatch.context() as mp:
-        mp.setattr(conv, "_cache_job", _failing_after(2, conv._cache_job))
+        mp.setattr(cache_writer, "cache_job", _failing_after(2, cache_writer.cache_job))
         with pytest.raises(RuntimeError, match="simulated"):
             convert(src, out, **kw)
     m = Manifest.load(out)  # dali finished and is vouched for; the cache is not
@@ -399,7 +401,7 @@ def test_interrupted_write_leaves_nothing_a_reader_accepts(
 
     convert(src, out, **kw)  # a complete conversion, then a forced rebuild that dies half-way
     with monkeypatch.context() as mp:
-        mp.setattr(conv, "_cache_job", _failing_after(4, conv._cache_job))
+        mp.setattr(cache_writer, "cache_job", _failing_after(4, cache_writer.cache_job))
         with pytest.raises(RuntimeError, match="simulated"):
             convert(src, out, force=True, **kw)
     m = Manifest.load(out)
@@ -412,7 +414,7 @@ def test_interrupted_write_leaves_nothing_a_reader_accepts(
     assert s["formats"]["cache"]["status"] == "up to date" and s["formats"]["dali"]["status"] == "up to date"
     with monkeypatch.context() as mp:  # a crash after the first cache file was renamed into place
         # renames: manifest.json (cache dropped), train/cache/{pixels.npy,meta.npz}, then val/cache dies
-        mp.setattr(conv, "_replace", _failing_after(3, conv._replace))
+        mp.setattr(files, "replace", _failing_after(3, files.replace))
         with pytest.raises(RuntimeError, match="simulated"):
             convert(src, out, formats=("cache",), force=True, workers=1, progress=False)
     m = Manifest.load(out)
@@ -429,7 +431,7 @@ def test_ffcv_worker_crash_raises_instead_of_hanging(tmp_path: Path, monkeypatch
     def boom(self, i):  # type: ignore[no-untyped-def]
         raise RuntimeError("simulated decode failure in an FFCV worker")
 
-    monkeypatch.setattr(conv.FFCVSource, "__getitem__", boom)
+    monkeypatch.setattr(ffcv_writer.FFCVSource, "__getitem__", boom)
     with pytest.raises(RuntimeError, match="FFCV writer worker failed"):
         convert(src, out, formats=("ffcv",), workers=1, progress=False)
     assert not list(out.rglob("*.beton")) and not list(out.rglob("*.tmp"))
@@ -485,3 +487,113 @@ def test_cache_resizes_short_side_never_upscales(tmp_path: Path) -> None:
     assert sizes == [(30, 40), (30, 44), (32, 48)]  # 30-px short sides kept; 60x90 -> 32x48
     assert conv.cache_size(60, 90, 0) == (60, 90) and conv.cache_size(90, 60, 32) == (48, 32)
     assert _read_manifest(out)["splits"]["train"]["count"] == 3
+
+
+# ------------------------------------------------------------------------------------- unlabelled images
+TINY_PRETRAIN = [
+    "model.arch=resnet18",
+    "model.small_stem=false",
+    "aug.res=16",
+    "train.batch_size=8",
+    "moco.queue_size=32",
+    "moco.mlp_hidden=32",
+    "moco.dim=16",
+    "moco.bn_splits=2",
+    "train.epochs=1",
+    "train.device=cpu",
+    "log.every=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "eval.knn_every=1",
+    "ckpt.every=1",
+]
+
+
+def _photos(folder: Path, n: int, seed: int, nested: bool = False) -> list[str]:
+    """`n` smooth images of assorted sizes (and formats) in `folder`, or spread over sub-folders."""
+    names = []
+    for i in range(n):
+        d = folder / f"y{2020 + i % 3}" / f"m{i % 2}" if nested else folder
+        d.mkdir(parents=True, exist_ok=True)
+        ext = ".jpg" if i % 3 else ".png"
+        Image.fromarray(_smooth(24 + 3 * (i % 5), 20 + 2 * (i % 4), seed=seed + i)).save(d / f"p{i}{ext}")
+        names.append((d / f"p{i}{ext}").relative_to(folder).as_posix())
+    return names
+
+
+def _pretrain_log(conv_dir: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[list[dict], str]:
+    from fastvpd import pretrain
+
+    capsys.readouterr()
+    run = pretrain.main([f"data.root={conv_dir}", f"train.out_dir={out}", *TINY_PRETRAIN])
+    text = capsys.readouterr().out
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return rows, text
+
+
+def test_flat_folder_is_an_unlabelled_split_that_pretrains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "photos", tmp_path / "out"
+    names = _photos(src, 20, seed=0)
+    (src / "notes.txt").write_text("not an image")
+    s = convert(src, out, formats=("dali", "cache"), workers=1, progress=False)
+    assert s["unlabelled"] == ["train"] and s["splits"] == {"train": 20} and s["classes"] == 0
+    assert [d["path"] for d in s["skipped"]] == ["notes.txt"]
+    m = Manifest.load(out)
+    assert m.splits == ["train"] and not m.labelled("train") and m.classes == []
+    assert [x["path"] for x in m.sources("train")] == sorted(names) and set(m.labels("train")) == {-1}
+    assert set(np.load(m.path("train", "cache") / "meta.npz")["labels"].tolist()) == {-1}
+    with tarfile.open(m.wds_shards("train")[0][0]) as tar:
+        assert {tar.extractfile(n).read() for n in tar.getnames() if n.endswith(".cls")} == {b"-1"}
+    assert {ln.rsplit(" ", 1)[1] for ln in m.path("train", "files").read_text().splitlines()} == {"-1"}
+
+    rows, text = _pretrain_log(out, tmp_path / "run", capsys)
+    assert [ln for ln in text.splitlines() if "kNN monitor" in ln] == [
+        f"kNN monitor off: {out} has no labelled split 'val' (data.val_split)"
+    ]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))  # 20 images, batch 8: two steps
+    assert not any("knn_top1" in r for r in rows)
+
+
+def test_nested_unlabelled_train_with_labelled_val_monitors_knn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    _photos(src / "train", 16, seed=0, nested=True)
+    for c in range(2):
+        _photos(src / "val" / f"c{c}", 4, seed=100 * (c + 1))
+    with pytest.raises(UserError, match="c0"):  # without the flag, y2020/y2021/y2022 look like classes
+        convert(src, out, formats=("cache",), workers=1, progress=False)
+    s = convert(src, out, formats=("cache",), workers=1, progress=False, unlabelled=("train",))
+    assert s["unlabelled"] == ["train"] and s["splits"] == {"train": 16, "val": 8} and s["classes"] == 2
+    m = Manifest.load(out)
+    assert not m.labelled("train") and m.labelled("val") and m.classes == ["c0", "c1"]
+    assert m.labels("val") == [0] * 4 + [1] * 4 and set(m.labels("train")) == {-1}
+    rows, text = _pretrain_log(out, tmp_path / "run", capsys)
+    assert "kNN monitor: the train split has no labels, so half of 'val' is the bank" in text
+    knn = [r["knn_top1"] for r in rows if "knn_top1" in r]
+    assert len(knn) == 1 and 0.0 <= knn[0] <= 100.0
+
+
+def test_unlabelled_layouts_detected_or_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mixed = tmp_path / "mixed"
+    _photos(mixed, 2, seed=0)
+    _photos(mixed / "c0", 2, seed=5)
+    with pytest.raises(SystemExit) as e:
+        main([str(mixed), str(tmp_path / "o"), "--formats", "cache", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "both image files" in err[0] and "--unlabelled" in err[0], err
+    assert main([str(mixed), str(tmp_path / "o"), "--formats", "cache", "--no-progress", "--unlabelled"]) == 0
+    m = Manifest.load(tmp_path / "o")
+    assert m.count("train") == 4 and not m.labelled("train")
+    split_flat = tmp_path / "split_flat"  # train/ flat, val/ with classes: detected without the flag
+    _photos(split_flat / "train", 3, seed=0)
+    _photos(split_flat / "val" / "a", 2, seed=9)
+    s = convert(split_flat, tmp_path / "o2", formats=("cache",), workers=1, progress=False)
+    assert s["unlabelled"] == ["train"] and s["splits"] == {"train": 3, "val": 2}
+    labelled = _tiny_tree(tmp_path / "labelled")  # an ordinary ImageFolder tree stays labelled
+    s = convert(labelled, tmp_path / "o3", formats=("cache",), workers=1, progress=False)
+    assert s["unlabelled"] == [] and Manifest.load(tmp_path / "o3").labelled("train")

@@ -137,6 +137,10 @@ class Manifest:
     def labels(self, split: str) -> list[int]:
         return [int(s["label"]) for s in self._split(split)["sources"]]
 
+    def labelled(self, split: str) -> bool:
+        """False for a split converted from images without class folders (every label is -1)."""
+        return bool(self._split(split).get("labelled", True))
+
     def formats(self, split: str) -> list[str]:
         """Formats with outputs recorded for this split."""
         return sorted(self._split(split).get("outputs", {}))
