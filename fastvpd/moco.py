@@ -59,8 +59,8 @@ class MoCo(nn.Module):
 
     encoder_k is a deep copy of encoder_q with `requires_grad=False`; buffers: `queue` [K, C] (random unit
     rows, fp32) and `queue_ptr` (0-d int64). bn_splits > 1 swaps every BatchNorm2d for MoCo's split-BN
-    (single-device shuffle-BN; `split_bn` picks its eager implementation, see `SplitBatchNorm`); with
-    several processes pass bn_splits=1 and `key` shuffles across them.
+    (single-device shuffle-BN, see `SplitBatchNorm`); with several processes pass bn_splits=1 and `key`
+    shuffles across them.
     """
 
     def __init__(
@@ -74,13 +74,12 @@ class MoCo(nn.Module):
         margin: float = 0.4,
         bn_splits: int = 8,
         small_stem: bool = False,
-        split_bn: str = "blocks",
     ) -> None:
         super().__init__()
         self.dim, self.queue_size = dim, queue_size
         self.momentum, self.temperature, self.margin = momentum, temperature, margin
         self.bn_splits = bn_splits
-        backbone = convert_split_bn(build_backbone(arch, small_stem=small_stem), bn_splits, split_bn)
+        backbone = convert_split_bn(build_backbone(arch, small_stem=small_stem), bn_splits)
         self.encoder_q = Encoder(backbone, MLPHead(backbone.feat_dim, mlp_hidden, dim))
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():

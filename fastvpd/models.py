@@ -6,8 +6,8 @@
   its ReLU) plus the pooled feature, bit-identical to the plain backbone's output.
 - `SplitBatchNorm` / `convert_split_bn`: MoCo's single-device emulation of shuffle-BN.
 - `backbone_state_for_torchvision`: export a backbone as a state dict for `torchvision.models.<arch>()`.
-- `adapt_stem`: the stem convolution fed a zero-padded image (`model.stem_channels`) or computed as
-  space-to-depth or im2col + GEMM (`model.stem_impl`): same parameters, same results.
+- `adapt_stem`: the stem convolution fed a zero-padded image or computed as space-to-depth or im2col +
+  GEMM: same parameters, same results (a hook for benchmarks/, not a user setting).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torchvision
 from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from fastvpd.config import STEM_IMPLS, ConfigError
+from fastvpd.config import Arch, ConfigError
 
 __all__ = [
     "ARCHS",
@@ -39,7 +39,8 @@ __all__ = [
     "backbone_state_for_torchvision",
 ]
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d")
+ARCHS = tuple(a.value for a in Arch)  # model.arch's choices
+STEM_IMPLS = ("direct", "s2d", "im2col")  # StemConv's forms
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
@@ -135,11 +136,10 @@ def stage_channels(backbone: ResNet) -> list[int]:
 
 
 _aten = torch.ops.aten
-SPLIT_BN_STATS = ("blocks", "fused")  # SplitBatchNorm's eager implementations
 
 
 class _SplitBNFunction(torch.autograd.Function):
-    """The split-BN autograd functions' shared half: forward(x, weight, bias, running_mean, running_var,
+    """The split-BN autograd function's backward half: forward(x, weight, bias, running_mean, running_var,
     s, momentum, eps) saves (x, weight, mean [S, C], invstd [S, C]) through `_save`; the backward runs each
     block through `native_batch_norm_backward`, its input gradient copied into place (that kernel has no
     out= form)."""
@@ -192,10 +192,9 @@ class _BlockBatchNorm(_SplitBNFunction):
 
     Forward/backward run the same per-block kernels as `F.batch_norm` (`native_batch_norm` and its
     backward). The forward writes each block's output through `native_batch_norm.out` straight into its
-    slice of one preallocated tensor, so the `cat` of the block outputs is gone (in the query and the key
-    encoder: two of the three full-tensor copies per BN layer; the split-BN `cat` was 15 % of the
-    H100 MoCo step). The backward kernel has no real out= form, so the input gradient is still copied
-    into place once per block, as the old `chunk` backward did. Outputs equal
+    slice of one preallocated tensor, so no `cat` of the block outputs copies the full tensor again. The
+    backward kernel has no real out= form, so the input gradient is copied into place once per block.
+    Outputs equal
     `cat([F.batch_norm(block) ...])` bit for bit; the affine gradients are the block sums.
     """
 
@@ -235,51 +234,6 @@ class _BlockBatchNorm(_SplitBNFunction):
         return y
 
 
-class _FusedStatsBatchNorm(_SplitBNFunction):
-    """Split-BN whose forward treats all groups at once (`SplitBatchNorm(stats="fused")`).
-
-    Statistics: two reductions over the [S, N/S, C, H, W] view with fp32 accumulation (Σx and ‖x‖²: each
-    one kernel for every group, instead of one Welford kernel per group; on the H100 PyTorch's
-    channels-last Welford kernel, called 848 times per MoCo step, took 23 % of the step). Normalisation:
-    one `addcmul` into the output, y = x·scale + shift with per-(group, channel) scale and shift, cast to
-    x's dtype on store. var = E[x²] - E[x]² in fp32: exact enough unless |mean| ≫ std by orders of
-    magnitude (relative error ~1e-7·mean²/var). Backward: the per-block native kernels.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]  # noqa: PLR0913
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        s: int,
-        momentum: float,
-        eps: float,
-    ) -> Tensor:
-        n, c = x.shape[0], x.shape[1]
-        xs = x.unflatten(0, (s, n // s))  # xs: S x N/S x C x H x W (a view, either memory format)
-        dims = (1, *range(3, xs.dim()))
-        m = xs.numel() // (s * c)  # elements per group and channel
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean = xs.sum(dims, dtype=acc) / m  # mean: SxC
-        sq = torch.linalg.vector_norm(xs, 2, dims, dtype=acc).square_()
-        var = (sq / m - mean.square()).clamp_min_(0.0)  # biased, as BN normalises with
-        invstd = (var + eps).rsqrt()
-        scale = invstd * weight if weight is not None else invstd
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias
-        shape = (s, 1, c, *([1] * (xs.dim() - 3)))
-        y = torch.empty_like(x)
-        torch.addcmul(shift.view(shape), xs, scale.view(shape), out=y.unflatten(0, (s, n // s)))
-        if running_mean is not None and running_var is not None:
-            _running_from_groups(running_mean, running_var, mean, var, m, momentum)
-        _SplitBNFunction._save(ctx, x, weight, mean, invstd, s, eps)
-        return y
-
-
 def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -316,26 +270,18 @@ class SplitBatchNorm(nn.BatchNorm2d):
     statistics are updated with the average over groups of what each group's BN would have written
     (per-group unbiased variance), exactly the colab's `running_*_split.view(S, C).mean(0)`. Eval: plain BN.
 
-    Eagerly (and in a CUDA graph), `stats`:
-    - "blocks" (default): each block runs PyTorch's own BN kernels (`_BlockBatchNorm`), writing into one
-      output with no `cat`;
-    - "fused": the statistics of all groups in two reductions and the normalisation in one elementwise
-      kernel (`_FusedStatsBatchNorm`). Not yet timed on a GPU: the step ladder has a rung for it.
-    Under `torch.compile` the groups are one reduction over a view (`_split_bn_one_pass`) for Inductor
-    to fuse. (A first version computed the statistics by hand with fp32 temporaries: on an H100 its
-    elementwise kernels took two thirds of the ResNet-50 MoCo step.)
+    Eagerly (and in a CUDA graph) each block runs PyTorch's own BN kernels (`_BlockBatchNorm`), writing
+    into one output with no `cat`. Under `torch.compile` the groups are one reduction over a view
+    (`_split_bn_one_pass`) for Inductor to fuse.
     """
 
-    def __init__(self, num_features: int, num_splits: int, stats: str = "blocks", **kw: object) -> None:
+    def __init__(self, num_features: int, num_splits: int, **kw: object) -> None:
         super().__init__(num_features, **kw)  # type: ignore[arg-type]
         if num_splits < 1:
             raise ValueError(f"num_splits must be >= 1 (got {num_splits})")
         if self.momentum is None:
             raise ValueError("SplitBatchNorm needs a float momentum (cumulative averaging is not supported)")
-        if stats not in SPLIT_BN_STATS:
-            raise ValueError(f"stats must be one of {SPLIT_BN_STATS} (got {stats!r})")
         self.num_splits = num_splits
-        self.stats = stats
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -353,8 +299,6 @@ class SplitBatchNorm(nn.BatchNorm2d):
             if rmean is not None and rvar is not None:
                 with torch.no_grad():
                     _running_from_groups(rmean, rvar, mean, var, x.numel() // (s * x.shape[1]), mom)
-        elif self.stats == "fused":
-            y = _FusedStatsBatchNorm.apply(x, self.weight, self.bias, rmean, rvar, s, mom, self.eps)
         else:
             # rm, rv: SxC, row b = the running statistics group b's BN updates in place
             rm = rmean.repeat(s, 1) if rmean is not None else None
@@ -369,14 +313,13 @@ class SplitBatchNorm(nn.BatchNorm2d):
         return y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_splits={self.num_splits}, stats={self.stats}"
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
 
 
-def convert_split_bn(module: nn.Module, num_splits: int, stats: str = "blocks") -> nn.Module:
+def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
     """Replace every BatchNorm2d in `module` (in place) by a SplitBatchNorm with the same weights and buffers.
 
     num_splits == 1 leaves the module untouched. Returns the module (the root itself if it is a BN).
-    `stats`: SplitBatchNorm's eager implementation ("blocks" or "fused").
     """
     if num_splits <= 1:
         return module
@@ -384,7 +327,6 @@ def convert_split_bn(module: nn.Module, num_splits: int, stats: str = "blocks") 
         new = SplitBatchNorm(
             module.num_features,
             num_splits,
-            stats,
             eps=module.eps,
             momentum=module.momentum,
             affine=module.affine,
@@ -394,7 +336,7 @@ def convert_split_bn(module: nn.Module, num_splits: int, stats: str = "blocks") 
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        setattr(module, name, convert_split_bn(child, num_splits, stats))
+        setattr(module, name, convert_split_bn(child, num_splits))
     return module
 
 
@@ -423,7 +365,7 @@ def to_channels_last(model: nn.Module) -> nn.Module:
 
 
 class StemConv(nn.Conv2d):
-    """The stem convolution, computed another way (`model.stem_channels`, `model.stem_impl`).
+    """The stem convolution, computed another way (`channels`, `impl`).
 
     Why: given a 3-channel channels-last bf16 image, cuDNN pads it to 8 channels itself (its
     `nhwcAddPaddingKernel`) and on an H100 ran ResNet-50's 7x7/2 stem with an Ampere-era kernel at 1.5 ms a
@@ -503,13 +445,13 @@ class StemConv(nn.Conv2d):
 
 
 def adapt_stem(model: nn.Module, channels: int = 3, impl: str = "direct") -> int:
-    """Give every ResNet in `model` a `StemConv` stem (`model.stem_channels`, `model.stem_impl`);
+    """Give every ResNet in `model` a `StemConv` stem (`channels`, `impl`);
     returns how many. (3, "direct") leaves the model as it is. Call it before `torch.compile` and before
     building DDP wrappers."""
     if channels < 3:
-        raise ConfigError(f"model.stem_channels={channels} must be at least 3 (the image's channels)")
+        raise ConfigError(f"stem_channels={channels} must be at least 3 (the image's channels)")
     if impl not in STEM_IMPLS:
-        raise ConfigError(f"model.stem_impl={impl!r} is not one of {', '.join(STEM_IMPLS)}")
+        raise ConfigError(f"stem_impl={impl!r} is not one of {', '.join(STEM_IMPLS)}")
     if channels == 3 and impl == "direct":
         return 0
     stems = [m.conv1 for m in model.modules() if isinstance(m, ResNet)]
@@ -519,8 +461,8 @@ def adapt_stem(model: nn.Module, channels: int = 3, impl: str = "direct") -> int
         plain = square and conv.padding[0] == conv.padding[1] and conv.dilation == (1, 1)
         if (impl != "direct" and not plain) or (impl == "s2d" and conv.stride[0] != 2):
             raise ConfigError(
-                f"model.stem_impl={impl} needs a square, undilated stem"
-                f"{' of stride 2' if impl == 's2d' else ''} (this one: {conv}); use model.stem_impl=direct"
+                f"stem_impl={impl} needs a square, undilated stem"
+                f"{' of stride 2' if impl == 's2d' else ''} (this one: {conv}); use stem_impl=direct"
             )
     for conv in stems:  # the module itself becomes a StemConv: parameters, hooks, optimizers kept
         conv.__class__ = StemConv

@@ -108,11 +108,9 @@ def _interleave(t: torch.Tensor, s: int) -> torch.Tensor:
     return t.reshape(s, n // s, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
-def _split_and_plain_bn(
-    c: int, s: int, stats: str = "blocks", **kw: bool
-) -> tuple[SplitBatchNorm, nn.BatchNorm2d]:
+def _split_and_plain_bn(c: int, s: int, **kw: bool) -> tuple[SplitBatchNorm, nn.BatchNorm2d]:
     """A SplitBatchNorm with non-trivial affine parameters, and a plain BatchNorm2d with the same state."""
-    split = SplitBatchNorm(c, s, stats, **kw)
+    split = SplitBatchNorm(c, s, **kw)
     if split.affine:
         nn.init.normal_(split.weight, 1.0, 0.3)
         nn.init.normal_(split.bias, 0.0, 0.3)
@@ -197,7 +195,7 @@ def test_to_channels_last() -> None:
     ("channels", "impl"), [(4, "direct"), (8, "direct"), (3, "s2d"), (4, "s2d"), (3, "im2col"), (8, "im2col")]
 )
 def test_adapted_stem_is_the_same_convolution_with_the_same_parameters(channels: int, impl: str) -> None:
-    """model.stem_channels / model.stem_impl: outputs, gradients and state dict of the 3-channel stem; the
+    """adapt_stem (channels, impl): outputs, gradients and state dict of the 3-channel stem; the
     optimizer's Parameter objects kept; channels-last in, channels-last through."""
     torch.manual_seed(3)
     plain = to_channels_last(build_backbone("resnet18"))
@@ -364,38 +362,3 @@ def test_split_bn_under_torch_compile_is_one_pass_with_equal_results() -> None:
         assert module.num_batches_tracked.item() == eager.num_batches_tracked.item() == 2
     finally:
         torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
-def test_split_bn_fused_statistics_equal_blocks(channels_last: bool, affine: bool, track: bool) -> None:
-    """stats="fused" (all groups' statistics in two reductions, one normalisation kernel) = per-block BN."""
-    torch.manual_seed(5)
-    s, c = 4, 6
-    fused, ref = _split_and_plain_bn(c, s, "fused", affine=affine, track_running_stats=track)
-    for _ in range(2):  # running statistics compound
-        x = torch.randn(8, c, 5, 5) * 3 + 2  # |mean| ~ std: E[x²]-E[x]² in fp32 is fine
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y, y_ref = fused(x1), _blocks_then_cat(x2, ref, s)
-        torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-5)
-        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
-        g = torch.randn_like(y)
-        params = [p for p in (fused.weight, fused.bias) if p is not None]
-        params_ref = [p for p in (ref.weight, ref.bias) if p is not None]
-        for a, b in zip(
-            torch.autograd.grad(y, [x1, *params], g), torch.autograd.grad(y_ref, [x2, *params_ref], g)
-        ):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    if track:
-        torch.testing.assert_close(fused.running_mean, ref.running_mean, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(fused.running_var, ref.running_var, atol=1e-5, rtol=1e-5)
-        assert fused.num_batches_tracked.item() == 2
-    # float64 in, float64 statistics: agrees to double precision
-    x64 = torch.randn(8, c, 3, 3, dtype=torch.float64)
-    f64 = SplitBatchNorm(c, s, "fused", affine=affine, track_running_stats=track).double()
-    r64 = nn.BatchNorm2d(c, affine=affine, track_running_stats=track).double()
-    torch.testing.assert_close(f64(x64), _blocks_then_cat(x64, r64, s), atol=1e-12, rtol=1e-12)
-    with pytest.raises(ValueError, match="stats must be one of"):
-        SplitBatchNorm(c, s, "welford")
