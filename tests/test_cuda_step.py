@@ -140,17 +140,17 @@ def test_pretrain_on_gpu_captures(
 def test_graph_captures_the_cache_augmentation_with_its_generator(
     digits_converted: Path, replay_views: Callable, kernel: str
 ) -> None:
-    """data.aug_in_step on a GPU: the cache loader's augmentation replayed from a CUDA graph, its generator
-    registered with the graph and re-seeded per batch on the host, gives the loader's own views; with the
-    torch ops and with the default kernel choice (`auto`: the Triton kernels on a GPU)."""
+    """Views rendered in the step on a GPU: the cache loader's augmentation replayed from a CUDA graph, its
+    generator registered with the graph and re-seeded per batch on the host, gives the loader's own views;
+    with the torch ops and with the default kernel choice (`auto`: the Triton kernels on a GPU)."""
     import itertools
 
     from fastvpd.config import DataConfig
     from fastvpd.data import build_loader, moco_v2
 
-    cfg = DataConfig(root=str(digits_converted), backend="cache", aug_kernel=kernel)
-    plain = build_loader(cfg, moco_v2(RES), "train", B, "cuda", torch.bfloat16, seed=5)
-    deferred = build_loader(cfg, moco_v2(RES), "train", B, "cuda", torch.bfloat16, seed=5)
+    cfg = DataConfig(root=str(digits_converted), backend="cache")
+    plain = build_loader(cfg, moco_v2(RES), "train", B, "cuda", torch.bfloat16, seed=5, aug_kernel=kernel)
+    deferred = build_loader(cfg, moco_v2(RES), "train", B, "cuda", torch.bfloat16, seed=5, aug_kernel=kernel)
     assert deferred.defer_views() == ""
     logs: list[str] = []
 

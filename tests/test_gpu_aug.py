@@ -1,4 +1,5 @@
-"""Pixel checks: the batched device ops equal torchvision.transforms.functional on the same images."""
+"""Pixel checks: the torch reference ops (fastvpd.data.augment) equal torchvision.transforms.functional on
+the same images, and the numba CPU kernel renders what the torch reference renders."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from fastvpd.data import gpu_aug as G
+from fastvpd.data.augment import PixelAugmenter
+from fastvpd.data.augment import cpu as C
+from fastvpd.data.augment import draws as D
+from fastvpd.data.augment import geometry as Geo
+from fastvpd.data.augment import photometric as P
 from fastvpd.data.spec import ColorJitter, GaussianBlur, ResizeCenterCrop, ViewSpec, eval_spec, moco_v2
 
 TOL = 2e-5  # float32 rounding: everything below is evaluated at the same precision as torchvision
@@ -52,8 +57,8 @@ def test_resized_crop_and_flip_match_torchvision() -> None:
     cw = torch.tensor([30, 38, 24, 20])
     flip = torch.tensor([False, True, True, False])
     for res in (16, 24, 57):
-        ys, xs = G.rrc_maps(top, left, ch, cw, res, flip)
-        out = G.resample(pixels, offsets, W, ys, xs)
+        ys, xs = Geo.rrc_maps(top, left, ch, cw, res, flip)
+        out = Geo.resample(pixels, offsets, W, ys, xs)
         assert out.shape == (4, 3, res, res) and out.is_contiguous(memory_format=torch.channels_last)
         for i, im in enumerate(imgs):
             ref = TF.resized_crop(
@@ -69,8 +74,8 @@ def test_eval_resize_center_crop_matches_torchvision(ten_crop: bool) -> None:
     imgs = _images(1)
     pixels, offsets, H, W = _store(imgs)
     crop = ResizeCenterCrop(size=21, resize=24, ten_crop=ten_crop)
-    boxes = G.resize_center_boxes(H, W, crop)
-    outs = [G.resample(pixels, offsets, W, *G.eval_maps(H, W, box, crop.size)) for box in boxes]
+    boxes = Geo.resize_center_boxes(H, W, crop)
+    outs = [Geo.resample(pixels, offsets, W, *Geo.eval_maps(H, W, box, crop.size)) for box in boxes]
     for i, im in enumerate(imgs):
         resized = TF.resize(_float_chw(im), crop.resize, antialias=False)
         refs = TF.ten_crop(resized, crop.size) if ten_crop else [TF.center_crop(resized, crop.size)]
@@ -89,28 +94,27 @@ def test_color_ops_match_torchvision() -> None:
     f = torch.tensor([0.6, 1.0, 1.3, 1.4])
     hue = torch.tensor([-0.1, 0.05, 0.0, 0.5 - 1e-3])
     cases = [
-        (G.adjust_brightness, TF.adjust_brightness, f),
-        (G.adjust_contrast, TF.adjust_contrast, f),
-        (G.adjust_saturation, TF.adjust_saturation, f),
-        (G.adjust_hue, TF.adjust_hue, hue),
+        (P.adjust_brightness, TF.adjust_brightness, f),
+        (P.adjust_contrast, TF.adjust_contrast, f),
+        (P.adjust_saturation, TF.adjust_saturation, f),
+        (P.adjust_hue, TF.adjust_hue, hue),
     ]
     for ours, theirs, fac in cases:
         out = ours(x, fac)
         for i in range(x.shape[0]):
             torch.testing.assert_close(out[i], theirs(x[i], float(fac[i])), atol=1e-5, rtol=0)
-    gray = G.rgb_to_gray(x)
+    gray = P.rgb_to_gray(x)
     torch.testing.assert_close(gray, TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("subset", [False, True])
-def test_color_jitter_order_per_sample_matches_sequential_torchvision(subset: bool) -> None:
+def test_color_jitter_order_per_sample_matches_sequential_torchvision() -> None:
     x = _batch()
     factors = torch.tensor(
         [[0.7, 1.2, 0.8, 0.07], [1.3, 0.6, 1.4, -0.09], [1.0, 1.1, 0.9, 0.02], [0.9, 0.9, 0.9, 0.1]]
     )
     order = torch.tensor([[3, 0, 2, 1], [0, 1, 2, 3], [2, 3, 1, 0], [1, 0, 3, 2]])
     on = torch.tensor([True, True, True, False])
-    out = G.color_jitter(x, factors, order, on, subset=subset)
+    out = P.color_jitter(x, factors, order, on)
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(x.shape[0]):
         ref = x[i]
@@ -125,12 +129,12 @@ def test_gaussian_blur_and_normalize_match_torchvision() -> None:
     sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
     k = GaussianBlur().kernel_size(x.shape[-1])
     assert k % 2 == 1
-    out = G.gaussian_blur(x, sigma, k)
+    out = P.gaussian_blur(x, sigma, k)
     for i in range(x.shape[0]):
         ref = TF.gaussian_blur(x[i], [k, k], [float(sigma[i])] * 2)
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    n = G.normalize(x, mean, std, torch.float32)
+    n = P.normalize(x, mean, std, torch.float32)
     assert n.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(n, TF.normalize(x, mean.tolist(), std.tolist()), atol=1e-6, rtol=0)
 
@@ -140,11 +144,11 @@ def test_photometric_identity_when_nothing_applied() -> None:
     view = ViewSpec(
         crop=moco_v2(24).views[0].crop, jitter=ColorJitter(), grayscale_p=0.2, blur=GaussianBlur()
     )
-    p = G.sample_photometric(view, x.shape[0], torch.Generator().manual_seed(0), x.device)
+    p = D.sample_photometric(view, x.shape[0], torch.Generator().manual_seed(0), x.device)
     p.jitter_on = torch.zeros(4, dtype=torch.bool)
     p.gray_on = torch.zeros(4, dtype=torch.bool)
     p.blur_on = torch.zeros(4, dtype=torch.bool)
-    assert torch.equal(G.photometric(x, view, p), x)
+    assert torch.equal(P.photometric(x, view, p), x)
 
 
 def _rrc_draws(n: int, h: int, w: int, scale=(0.2, 1.0), seed: int = 0):
@@ -152,7 +156,7 @@ def _rrc_draws(n: int, h: int, w: int, scale=(0.2, 1.0), seed: int = 0):
 
     H = torch.full((n,), h)
     W = torch.full((n,), w)
-    return G.sample_rrc(H, W, RandomResizedCrop(32, scale), torch.Generator().manual_seed(seed))
+    return Geo.sample_rrc(H, W, RandomResizedCrop(32, scale), torch.Generator().manual_seed(seed))
 
 
 def test_rrc_sampler_distribution_matches_torchvision() -> None:
@@ -191,7 +195,7 @@ def test_rrc_fallback_is_torchvision_centre_crop() -> None:
 def test_photometric_probabilities() -> None:
     view = moco_v2(32).views[0]
     n = 8000
-    p = G.sample_photometric(view, n, torch.Generator().manual_seed(1), torch.device("cpu"))
+    p = D.sample_photometric(view, n, torch.Generator().manual_seed(1), torch.device("cpu"))
     se = 4 * math.sqrt(0.25 / n)
     assert abs(p.jitter_on.float().mean().item() - 0.8) < se
     assert abs(p.gray_on.float().mean().item() - 0.2) < se
@@ -213,7 +217,7 @@ def test_augmenter_flip_rate_and_eval_determinism() -> None:
     n = 4000
     flips = torch.rand(n, generator=g) < view.hflip_p  # the draw the augmenter uses
     assert abs(flips.float().mean().item() - 0.5) < 0.03
-    aug = G.PixelAugmenter(
+    aug = PixelAugmenter(
         eval_spec(16), pixels, offsets, H, W, torch.float32, torch.Generator().manual_seed(0)
     )
     a = aug.augment(torch.arange(4))
@@ -221,18 +225,7 @@ def test_augmenter_flip_rate_and_eval_determinism() -> None:
     assert len(a) == 1 and torch.equal(a[0], b[0])
 
 
-def test_photometric_subset_path_equals_fixed_shape_path() -> None:
-    """The CPU subset form (ops only on the samples drawn for them) renders what the capturable form does."""
-    x = _batch().repeat(4, 1, 1, 1)
-    view = moco_v2(24).views[0]
-    p = G.sample_photometric(view, x.shape[0], torch.Generator().manual_seed(5), x.device)
-    assert p.jitter_on.any() and p.blur_on.any() and not p.blur_on.all()
-    fixed = G.photometric(x, view, p, subset=False)
-    torch.testing.assert_close(G.photometric(x, view, p, subset=True), fixed, atol=1e-6, rtol=0)
-    assert torch.equal(G.photometric(x, view, p), G.photometric(x, view, p, subset=True))  # CPU default
-
-
-needs_kernel = pytest.mark.skipif(not G.CPU_KERNEL, reason="numba CPU kernel not available")
+needs_kernel = pytest.mark.skipif(not C.CPU_KERNEL, reason="numba CPU kernel not available")
 
 
 def _u8_batch() -> torch.Tensor:
@@ -247,7 +240,7 @@ def test_cpu_kernel_photometric_matches_sequential_torchvision() -> None:
     x = u8.float() / 255.0
     view = moco_v2(24).views[0]
     k = view.blur.kernel_size(24)
-    p = G.Photometric(
+    p = D.Photometric(
         jitter_on=torch.tensor([True, True, True, False]),
         factors=torch.tensor(
             [[0.7, 1.2, 0.8, 0.07], [1.3, 0.6, 1.4, -0.09], [1.0, 1.1, 0.9, 0.02], [0.9, 0.9, 0.9, 0.1]]
@@ -258,7 +251,7 @@ def test_cpu_kernel_photometric_matches_sequential_torchvision() -> None:
         sigma=torch.tensor([0.4, 1.0, 1.7, 2.0]),
     )
     mean, std = torch.tensor(view.normalize.mean), torch.tensor(view.normalize.std)
-    (out,) = G.render_cpu_images([u8], [view], [p], [(mean, std)], torch.float32)
+    (out,) = C.render_cpu_images([u8], [view], [p], [(mean, std)], torch.float32)
     assert out.shape == (4, 3, 24, 24) and out.is_contiguous(memory_format=torch.channels_last)
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(4):
@@ -288,9 +281,9 @@ def test_cpu_kernel_augmenter_equals_batched_torch_path(
     idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
 
     def render(kernel: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(G, "CPU_KERNEL", kernel)
+        monkeypatch.setattr(C, "CPU_KERNEL", kernel)
         gen = torch.Generator().manual_seed(11)
-        views = G.PixelAugmenter(spec, pixels, offsets, H, W, torch.float32, gen).augment(idx)
+        views = PixelAugmenter(spec, pixels, offsets, H, W, torch.float32, gen).augment(idx)
         return [*views, torch.rand(1, generator=gen)]  # the generator ends in the same state
 
     fast, ref = render(True), render(False)
@@ -305,50 +298,47 @@ def test_window_gather_equals_flat_gather() -> None:
     including 1-pixel-wide/tall images and a last image narrower than the window."""
     imgs = [*_images(5), _images(6)[2][:1], _images(6)[0][:, :1], _images(6)[1][:, :7]]
     pixels, offsets, H, W = _store(imgs)
-    k, rows = G.store_window(H, W)
+    k, rows = Geo.store_window(H, W)
     assert k == int(W.max()) and pixels.shape[0] >= rows
     g = torch.Generator().manual_seed(3)
     crop = moco_v2(16).views[0].crop
     for res in (5, 16):
-        top, left, ch, cw = G.sample_rrc(H, W, crop, g)
+        top, left, ch, cw = Geo.sample_rrc(H, W, crop, g)
         flip = torch.rand(len(imgs), generator=g) < 0.5
-        ys, xs = G.rrc_maps(top, left, ch, cw, res, flip)
-        ref = G.resample(pixels, offsets, W, ys, xs)
-        assert torch.equal(G.resample(pixels, offsets, W, ys, xs, window=k), ref)
-        ys, xs = G.eval_maps(H, W, G.resize_center_boxes(H, W, ResizeCenterCrop(res, res + 3))[0], res)
+        ys, xs = Geo.rrc_maps(top, left, ch, cw, res, flip)
+        ref = Geo.resample(pixels, offsets, W, ys, xs)
+        assert torch.equal(Geo.resample(pixels, offsets, W, ys, xs, window=k), ref)
+        ys, xs = Geo.eval_maps(H, W, Geo.resize_center_boxes(H, W, ResizeCenterCrop(res, res + 3))[0], res)
         assert torch.equal(
-            G.resample(pixels, offsets, W, ys, xs, window=k), G.resample(pixels, offsets, W, ys, xs)
+            Geo.resample(pixels, offsets, W, ys, xs, window=k), Geo.resample(pixels, offsets, W, ys, xs)
         )
 
 
 @needs_kernel
-def test_fixed_shape_render_equals_cpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The capturable path the GPU runs renders what the numba kernel and the subset path render."""
+def test_fixed_shape_render_equals_the_cpu_kernel() -> None:
+    """The torch reference (what a GPU without Triton runs, capturable) renders what the numba kernel does."""
     imgs = _images(7)
     pixels, offsets, H, W = _store(imgs)
     idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
 
     def render(fixed: bool) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(13)
-        aug = G.PixelAugmenter(moco_v2(24), pixels, offsets, H, W, torch.float32, gen)
+        aug = PixelAugmenter(moco_v2(24), pixels, offsets, H, W, torch.float32, gen)
         return aug.render(pixels, offsets[idx], H[idx], W[idx], fixed_shape=fixed)
 
     fixed, numba = render(True), render(False)
-    monkeypatch.setattr(G, "CPU_KERNEL", False)
-    subset = render(False)
-    for a, b, c in zip(fixed, numba, subset):
+    for a, b in zip(fixed, numba):
         assert a.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
 
 
 def test_blur_matrices_identity_and_non_square_blur() -> None:
     delta = torch.zeros(2, 5)
     delta[:, 2] = 1.0
-    assert torch.equal(G.blur_matrices(delta, 9), torch.eye(9).expand(2, 9, 9))
+    assert torch.equal(P.blur_matrices(delta, 9), torch.eye(9).expand(2, 9, 9))
     x = _batch()[:, :, :, :17]  # 24 x 17
     sigma = torch.tensor([0.3, 0.9, 1.5, 2.0])
-    out = G.gaussian_blur(x, sigma, 7)
+    out = P.gaussian_blur(x, sigma, 7)
     for i in range(x.shape[0]):
         ref = TF.gaussian_blur(x[i], [7, 7], [float(sigma[i])] * 2)
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
@@ -360,87 +350,10 @@ def test_exact_matmul_turns_tf32_off_and_restores_it() -> None:
     prev = m.allow_tf32
     try:
         m.allow_tf32 = True
-        with G.exact_matmul(torch.device("cuda")):
+        with P.exact_matmul(torch.device("cuda")):
             assert m.allow_tf32 is False
         assert m.allow_tf32 is True
-        with G.exact_matmul(torch.device("cpu")):  # CPU: nothing to change
+        with P.exact_matmul(torch.device("cpu")):  # CPU: nothing to change
             assert m.allow_tf32 is True
     finally:
         m.allow_tf32 = prev
-
-
-def test_compiled_pixel_work_renders_the_same_views(monkeypatch: pytest.MonkeyPatch) -> None:
-    """PixelAugmenter(compile=True) (data.compile_aug): the fixed-shape pixel work through torch.compile
-    (here its aot_eager backend: Inductor's C++ build takes minutes on 2 cores) gives the eager views."""
-    imgs = _images(6)
-    pixels, offsets, H, W = _store(imgs)
-    idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
-    torch._dynamo.reset()
-    try:
-        out = {}
-        for compiled in (False, True):
-            gen = torch.Generator().manual_seed(21)
-            aug = G.PixelAugmenter(moco_v2(24), pixels, offsets, H, W, torch.float32, gen, compile=compiled)
-            out[compiled] = [
-                aug.render(pixels, offsets[idx], H[idx], W[idx], fixed_shape=True) for _ in range(2)
-            ]
-            assert (aug._pixels_fn is not G.render_pixels) == compiled
-        for a, b in zip(sum(out[False], []), sum(out[True], [])):
-            assert b.is_contiguous(memory_format=torch.channels_last)
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
-    finally:
-        torch._dynamo.reset()
-
-
-@pytest.mark.parametrize(("h", "w", "k"), [(24, 24, 3), (17, 29, 5), (6, 9, 11)])
-def test_blur_stencil_sums_what_the_banded_matrices_do(h: int, w: int, k: int) -> None:
-    """The compiled form of the blur (gathered taps) against the eager one (banded matmuls), including a
-    kernel longer than the image (reflection beyond one bounce) and a delta kernel (the identity)."""
-    g = torch.Generator().manual_seed(k)
-    x = torch.rand(3, 3, h, w, generator=g).contiguous(memory_format=torch.channels_last)
-    ker = G.gaussian_kernels(torch.tensor([0.3, 1.0, 2.0]), k)
-    ker[2] = (torch.arange(k) == k // 2).float()
-    want = G._blur_planar(x, G.blur_matrices(ker, h), G.blur_matrices(ker, w)).view(x.shape)
-    got = G.blur_stencil(x, ker)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    assert torch.equal(got[2], x[2])
-
-
-def test_compiled_form_leaves_no_matmul_over_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inside torch.compile the colour matrices, hue's differences and the blur are elementwise sums
-    (G.COMPILED_FORM = "pointwise": no bmm for Inductor to leave as an extern pass over the image), the
-    views equal the eager matmul form's, and "matmul" keeps the matmuls (benchmarks' A/B row)."""
-    imgs = _images(4)
-    pixels, offsets, H, W = _store(imgs)
-    idx = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
-    real_compile = torch.compile
-    ops: list[str] = []
-
-    def recording(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> object:
-        ops.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
-        return gm.forward
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": recording}))
-    views = {}
-    try:
-        for form in ("eager", "pointwise", "matmul"):
-            torch._dynamo.reset()
-            ops.clear()
-            monkeypatch.setattr(G, "COMPILED_FORM", form if form != "eager" else "pointwise")
-            gen = torch.Generator().manual_seed(5)
-            aug = G.PixelAugmenter(
-                moco_v2(24), pixels, offsets, H, W, torch.float32, gen, compile=form != "eager"
-            )
-            views[form] = aug.render(pixels, offsets[idx], H[idx], W[idx], fixed_shape=True)
-            matmuls = [o for o in ops if "mm" in o]  # bmm, mm, baddbmm
-            if form == "pointwise":
-                assert ops and not matmuls, matmuls
-            if form == "matmul":  # 6 blends x 2 (mean, image), hue's differences, blur x 2 + its matrices...
-                assert len(matmuls) >= 6 * 2 + 1 + 2 + 1, matmuls
-    finally:
-        torch._dynamo.reset()
-    for form in ("pointwise", "matmul"):
-        for a, b in zip(views["eager"], views[form]):
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)

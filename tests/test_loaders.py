@@ -6,6 +6,7 @@ import itertools
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,14 +19,11 @@ from fastvpd.data.manifest import Manifest
 RES = 16
 BS = 64
 BACKENDS = ["cache", "ffcv", "dali", "torchvision"]
-# loader rows that are a backend with other data.* settings: DALI with a cropped decode per view, and with
-# `dali_jitter=device` (DALI crops and flips; the photometric ops on the loader's device, by the torch ops
-# (numba on a CPU) or, `dali_triton`, by the Triton kernels)
+# loader rows that are a backend built with a constructor hook (not a user setting): DALI's crops finished
+# by the Triton kernels, and two DALI pipelines side by side, half of every batch each
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "dali_twice": ("dali", {"dali_decode": "twice"}),
-    "dali_device": ("dali", {"dali_jitter": "device", "aug_kernel": "torch"}),
-    "dali_triton": ("dali", {"dali_jitter": "device", "aug_kernel": "triton"}),
-    "dali_pipelines": ("dali", {"dali_pipelines": 2}),  # two pipelines, half of every batch each
+    "dali_triton": ("dali", {"aug_kernel": "triton"}),
+    "dali_pipelines": ("dali", {"pipelines": 2}),
 }
 
 
@@ -33,9 +31,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(root: Path, backend: str) -> DataConfig:
-    """The data config of a backend or a VARIANTS row."""
-    base, settings = VARIANTS.get(backend, (backend, {}))
-    return DataConfig(root=str(root), backend=base, workers=2, **settings)
+    """The data config of a backend or of a VARIANTS row's backend."""
+    return DataConfig(root=str(root), backend=VARIANTS.get(backend, (backend, {}))[0], workers=2)
+
+
+def _build(root: Path, backend: str, *args, **kw):  # noqa: ANN002, ANN003, ANN202
+    """build_loader for a backend or a VARIANTS row (its hooks as constructor arguments)."""
+    return build_loader(_cfg(root, backend), *args, **{**VARIANTS.get(backend, (backend, {}))[1], **kw})
 
 
 def _labels(root: Path, split: str) -> np.ndarray:
@@ -56,12 +58,10 @@ def _check_batch(
     assert np.array_equal(labels[b.indices.cpu().numpy()], b.labels.cpu().numpy())
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "dali_device", "dali_pipelines"])
+@pytest.mark.parametrize("backend", [*BACKENDS, "dali_pipelines"])
 def test_backend_train_contract(digits_converted: Path, backend: str) -> None:
     labels = _labels(digits_converted, "train")
-    loader = build_loader(
-        _cfg(digits_converted, backend), moco_v2(RES), "train", BS, "cpu", torch.bfloat16, seed=0
-    )
+    loader = _build(digits_converted, backend, moco_v2(RES), "train", BS, "cpu", torch.bfloat16, seed=0)
     assert loader.num_samples == len(labels) and loader.num_classes == 10
     assert len(loader) == len(labels) // BS
     seen = []
@@ -79,10 +79,10 @@ def test_backend_train_contract(digits_converted: Path, backend: str) -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", [*BACKENDS, *VARIANTS])
 def test_backend_train_contract_on_gpu(digits_converted: Path, backend: str) -> None:
-    """On a GPU every backend hands over device views (DALI decodes with nvJPEG, `mixed`, one whole decode
-    per sample or, `dali_twice`, a cropped decode per view; `dali_device` finishes DALI's uint8 crops with
-    the torch ops on the GPU, `dali_triton` with the Triton kernels, `dali_pipelines` from two pipelines
-    side by side; the cache sits in device memory), and the same seed gives the same batches there too."""
+    """On a GPU every backend hands over device views (DALI decodes with nvJPEG, `mixed`, once per sample,
+    and the device finishes its uint8 crops: `dali_triton` by the Triton kernels, `dali_pipelines` from two
+    pipelines side by side; the cache sits in device memory), and the same seed gives the same batches
+    there too."""
     if backend.startswith(("ffcv", "dali")):
         pytest.importorskip("ffcv" if backend == "ffcv" else "nvidia.dali")
     if backend == "dali_triton":
@@ -90,10 +90,8 @@ def test_backend_train_contract_on_gpu(digits_converted: Path, backend: str) -> 
     labels = _labels(digits_converted, "train")
 
     def first(n: int) -> list:
-        cfg = _cfg(digits_converted, backend)
-        return list(
-            itertools.islice(build_loader(cfg, moco_v2(RES), "train", BS, "cuda", torch.bfloat16, seed=0), n)
-        )
+        loader = _build(digits_converted, backend, moco_v2(RES), "train", BS, "cuda", torch.bfloat16, seed=0)
+        return list(itertools.islice(loader, n))
 
     a, b = first(2), first(2)
     for x, y in zip(a, b):
@@ -103,7 +101,7 @@ def test_backend_train_contract_on_gpu(digits_converted: Path, backend: str) -> 
             torch.testing.assert_close(vx, vy, rtol=0, atol=1e-2)
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "dali_device"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_eval_contract(digits_converted: Path, backend: str) -> None:
     labels = _labels(digits_converted, "val")
     loader = build_loader(
@@ -200,9 +198,9 @@ def test_cache_host_placement_matches_device(digits_converted: Path) -> None:
     assert len(views) == 2 and views[0].shape == (4, 3, RES, RES)
 
 
-@pytest.mark.parametrize("backend", ["dali", "dali_device"])
-def test_dali_same_seed_same_batches(digits_converted: Path, backend: str) -> None:
-    cfg = _cfg(digits_converted, backend)
+def test_dali_same_seed_same_batches(digits_converted: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    cfg = _cfg(digits_converted, "dali")
     a = next(iter(build_loader(cfg, moco_v2(RES), "train", BS, "cpu", seed=4)))
     b = next(iter(build_loader(cfg, moco_v2(RES), "train", BS, "cpu", seed=4)))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.views[0], b.views[0])
@@ -222,7 +220,10 @@ def test_user_errors(digits_converted: Path, tmp_path: Path, monkeypatch: pytest
         build_loader(_cfg(digits_converted, "nope"), moco_v2(RES), "train", BS, "cpu")
     with pytest.raises(UserError, match="batch size"):
         build_loader(_cfg(digits_converted, "cache"), moco_v2(RES), "train", 10_000, "cpu")
-    for mod, backend, hint in (("ffcv", "ffcv", r"\.\[ffcv\]"), ("nvidia.dali", "dali", r"\.\[dali\]")):
+    for mod, backend, hint in (
+        ("ffcv", "ffcv", r"fastvpd\[ffcv\]"),
+        ("nvidia.dali", "dali", r"fastvpd\[dali\]"),
+    ):
         with monkeypatch.context() as mp:
             mp.setitem(sys.modules, mod, None)  # import fails as if the package were not installed
             with pytest.raises(UserError, match=hint):
@@ -267,7 +268,8 @@ def test_torchvision_persistent_workers_follow_the_epoch(digits_converted: Path)
 
 
 def test_cache_views_in_step_are_the_loaders_views(digits_converted: Path) -> None:
-    """data.aug_in_step: index-only batches + seed; seed_views + augment renders the very same pixels."""
+    """Views rendered in the step: index-only batches + seed; seed_views + augment renders the very same
+    pixels."""
     from fastvpd.data import views_in_step
 
     cfg = _cfg(digits_converted, "cache")
@@ -286,8 +288,8 @@ def test_cache_views_in_step_are_the_loaders_views(digits_converted: Path) -> No
                 assert torch.equal(va, vb)
     with pytest.raises(ValueError, match="deferred batch"):
         deferred.seed_views(next(iter(plain)))
-    # off by config, or a backend that renders on the host: ordinary batches
-    assert not views_in_step(DataConfig(root=str(digits_converted), aug_in_step=False), plain, said.append)
+    # off (a benchmark's in-loader row), or a backend that renders on the host: ordinary batches
+    assert not views_in_step(SimpleNamespace(aug_in_step=False), plain, said.append)
     ffcv = build_loader(_cfg(digits_converted, "ffcv"), moco_v2(RES), "train", BS, "cpu", torch.float32)
     assert not views_in_step(cfg, ffcv, said.append)
     aa = build_loader(cfg, supervised(RES, autoaugment=True), "train", BS, "cpu", torch.float32)
@@ -295,22 +297,23 @@ def test_cache_views_in_step_are_the_loaders_views(digits_converted: Path) -> No
     assert next(iter(aa)).views  # still renders in the loader
 
 
-@pytest.mark.parametrize("backend", ["ffcv", "dali_device"])
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_device_finishing_ops_equal_the_cpu_kernel(
     digits_converted: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
-    """The ffcv backend's (and dali's `dali_jitter=device`) torch finishing ops (what a GPU runs) render
-    what its numba CPU kernel renders."""
-    import fastvpd.data.gpu_aug as G
+    """The ffcv and dali backends' torch finishing ops (what a GPU without Triton runs) render what the
+    numba CPU kernel renders."""
+    from fastvpd.data.augment import cpu
 
-    if not G.CPU_KERNEL:
+    if not cpu.CPU_KERNEL:
         pytest.skip("numba CPU kernel not available")
+    pytest.importorskip("ffcv" if backend == "ffcv" else "nvidia.dali")
     loader = build_loader(
         _cfg(digits_converted, backend), moco_v2(RES), "train", BS, "cpu", torch.float32, seed=4
     )
     out = {}
     for kernel in (True, False):  # the same epoch twice (its batches are a function of (seed, epoch))
-        monkeypatch.setattr(G, "CPU_KERNEL", kernel)
+        monkeypatch.setattr(cpu, "CPU_KERNEL", kernel)
         loader.set_epoch(1)
         out[kernel] = list(itertools.islice(loader, 2))
     for a, b in zip(out[True], out[False]):
@@ -318,40 +321,3 @@ def test_device_finishing_ops_equal_the_cpu_kernel(
         for va, vb in zip(a.views, b.views):
             assert vb.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(vb, va, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("backend", ["ffcv", "dali_device"])
-def test_compiled_finishing_renders_the_same_views(
-    digits_converted: Path, monkeypatch: pytest.MonkeyPatch, backend: str
-) -> None:
-    """data.compile_aug with the ffcv backend (and dali's `dali_jitter=device`): its device finishing ops
-    in their fixed-shape form through torch.compile (its aot_eager backend here) render the views of the
-    eager ops (on CPU their subset form), batch for batch."""
-    import fastvpd.data.gpu_aug as G
-
-    monkeypatch.setattr(G, "CPU_KERNEL", False)  # the torch ops, as on a GPU
-    real_compile = torch.compile
-    compiled: list[object] = []
-
-    def compile_aot_eager(fn: object, **kw: object) -> object:
-        compiled.append(fn)
-        return real_compile(fn, **{**kw, "backend": "aot_eager"})
-
-    monkeypatch.setattr(torch, "compile", compile_aot_eager)
-    out = {}
-    torch._dynamo.reset()
-    try:
-        for flag in (False, True):
-            cfg = _cfg(digits_converted, backend)
-            cfg.compile_aug = flag
-            loader = build_loader(cfg, moco_v2(RES), "train", BS, "cpu", torch.float32, seed=4)
-            loader.set_epoch(1)
-            out[flag] = list(itertools.islice(loader, 2))
-    finally:
-        torch._dynamo.reset()
-    assert [getattr(f, "__name__", "") for f in compiled] == ["finish_view"]  # only with compile_aug
-    for a, b in zip(out[False], out[True]):
-        assert torch.equal(a.indices, b.indices)
-        for va, vb in zip(a.views, b.views):
-            assert vb.is_contiguous(memory_format=torch.channels_last)
-            torch.testing.assert_close(vb, va, atol=1e-5, rtol=0)

@@ -1,4 +1,5 @@
-"""data.aug_kernel=triton: the Triton kernels give the torch form's views on the same draws.
+"""The Triton kernels (fastvpd.data.augment.triton, the GPU default) give the torch reference's views on
+the same draws.
 
 On CPU the kernels run in Triton's interpreter, which must be chosen before Triton is first imported, so
 those checks run in a fresh process with TRITON_INTERPRET=1. On a GPU (`-m cuda`) they run compiled,
@@ -17,8 +18,8 @@ import pytest
 import torch
 
 from fastvpd.config import UserError
-from fastvpd.data import gpu_aug as G
-from fastvpd.data import triton_aug
+from fastvpd.data.augment import PixelAugmenter
+from fastvpd.data.augment import triton as triton_aug
 from fastvpd.data.spec import moco_v2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,9 @@ import json, sys
 import torch
 sys.path.insert(0, "tests")
 from test_gpu_aug import _images, _store
-from fastvpd.data import gpu_aug as G, triton_aug as T
+from fastvpd.data.augment import PixelAugmenter, triton as T
+from fastvpd.data.augment.draws import sample_photometric
+from fastvpd.data.augment.photometric import photometric
 from fastvpd.data.spec import GaussianBlur, ViewSpec, AugSpec, eval_spec, moco_v2
 from dataclasses import replace
 
@@ -42,7 +45,7 @@ out = {}
 
 def views(spec, kernel, dtype, seed, rows=idx):
     gen = torch.Generator().manual_seed(seed)
-    aug = G.PixelAugmenter(spec, pixels, offsets, H, W, dtype, gen, kernel=kernel)
+    aug = PixelAugmenter(spec, pixels, offsets, H, W, dtype, gen, kernel=kernel)
     return aug.render(pixels, offsets[rows], H[rows], W[rows], fixed_shape=True)
 
 def diff(a, b):
@@ -81,13 +84,13 @@ g = torch.Generator().manual_seed(3)
 buf = torch.randint(0, 256, (6, 2, 24, 24, 3), dtype=torch.uint8, generator=g)
 x = buf[:, 1].permute(0, 3, 1, 2)
 mean, std = torch.tensor(always.normalize.mean), torch.tensor(always.normalize.std)
-ph = G.sample_photometric(always, 6, torch.Generator().manual_seed(4), torch.device("cpu"))
+ph = sample_photometric(always, 6, torch.Generator().manual_seed(4), torch.device("cpu"))
 got = T.render_images(x, always, ph, mean, std, torch.float32)
-want = G.photometric(x.float() / 255.0, always, ph, False, mean, std, torch.float32)
+want = photometric(x.float() / 255.0, always, ph, mean, std, torch.float32)
 cl = got.is_contiguous(memory_format=torch.channels_last)
 out["ffcv_images"] = {"diff": diff([got], [want]), "layout": cl, "shapes": got.shape == want.shape}
 
-# the loaders' wiring (data.aug_kernel through build_loader): first batches, triton against torch
+# the loaders' wiring (the aug_kernel hook through build_loader): first batches, triton against torch
 if len(sys.argv) > 1:
     from fastvpd.config import DataConfig
     from fastvpd.data import build_loader
@@ -101,8 +104,9 @@ if len(sys.argv) > 1:
     for backend in backends:
         batches = []
         for kernel in ("torch", "triton"):
-            cfg = DataConfig(root=sys.argv[1], backend=backend, aug_kernel=kernel, workers=1, verify="off")
-            loader = build_loader(cfg, moco_v2(32), "train", 16, "cpu", torch.float32, seed=3)
+            cfg = DataConfig(root=sys.argv[1], backend=backend, workers=1, verify="off")
+            spec = moco_v2(32)
+            loader = build_loader(cfg, spec, "train", 16, "cpu", torch.float32, seed=3, aug_kernel=kernel)
             loader.set_epoch(1)
             batches.append(next(iter(loader)))
             getattr(loader, "close", lambda: None)()
@@ -154,7 +158,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
         from triton.compiler import compile as tcompile
     except ImportError as e:
         pytest.skip(f"this Triton has no ASTSource compile API ({e})")
-    from fastvpd.data import triton_kernels as K
+    from fastvpd.data.augment import triton_kernels as K
 
     ptr = {"fy": "*fp32", "fx": "*fp32", "factors": "*fp32", "cmean": "*fp32", "part": "*fp32"}
     ptr |= {"pix": "*u8", "mean": "*fp32", "inv": "*fp32", "src": "*fp32", "kern": "*fp32"}
@@ -193,33 +197,34 @@ def test_triton_kernels_compile_for_hopper() -> None:
 
 
 def test_triton_refuses_a_cpu_run_in_one_line() -> None:
-    """Without a GPU (and not in the interpreter) the kernel choice is a user error naming the fix."""
+    """Without a GPU (and not in the interpreter) asking for the kernels is a one-line user error."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("this process runs Triton's interpreter")
     why = triton_aug.unavailable(torch.device("cpu"))
-    assert "data.aug_kernel=torch" in why and "\n" not in why
+    assert "need a CUDA device" in why and "\n" not in why
     px = torch.zeros(16, 3, dtype=torch.uint8)
     z = torch.zeros(1, dtype=torch.int64)
-    with pytest.raises(UserError, match="needs a CUDA device"):
-        G.PixelAugmenter(moco_v2(8), px, z, z + 4, z + 4, torch.float32, None, kernel="triton")
+    with pytest.raises(UserError, match="need a CUDA device"):
+        PixelAugmenter(moco_v2(8), px, z, z + 4, z + 4, torch.float32, None, kernel="triton")
 
 
 @pytest.mark.cuda
 def test_triton_cache_views_on_the_gpu_match_torch_and_replay_in_a_graph(
     digits_converted: Path, replay_views: Callable
 ) -> None:
-    """Compiled for the GPU: the cache loader's views with data.aug_kernel=triton equal the torch form's
+    """Compiled for the GPU: the cache loader's views by the Triton kernels equal the torch reference's
     (bf16), and replayed from a CUDA graph inside the step they equal the loader's own, with no sync."""
     from fastvpd.config import DataConfig
     from fastvpd.data import build_loader
     from fastvpd.step import GraphedStep
 
     res, b = 32, 32
-    torch_cfg = DataConfig(root=str(digits_converted), backend="cache")
-    tri_cfg = DataConfig(root=str(digits_converted), backend="cache", aug_kernel="triton")
-    ref = build_loader(torch_cfg, moco_v2(res), "train", b, "cuda", torch.bfloat16, seed=5)
-    plain = build_loader(tri_cfg, moco_v2(res), "train", b, "cuda", torch.bfloat16, seed=5)
-    deferred = build_loader(tri_cfg, moco_v2(res), "train", b, "cuda", torch.bfloat16, seed=5)
+    cfg = DataConfig(root=str(digits_converted), backend="cache")
+    ref = build_loader(cfg, moco_v2(res), "train", b, "cuda", torch.bfloat16, seed=5, aug_kernel="torch")
+    plain = build_loader(cfg, moco_v2(res), "train", b, "cuda", torch.bfloat16, seed=5, aug_kernel="triton")
+    deferred = build_loader(
+        cfg, moco_v2(res), "train", b, "cuda", torch.bfloat16, seed=5, aug_kernel="triton"
+    )
     assert deferred.defer_views() == ""
 
     def render(indices: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -254,7 +259,7 @@ def test_triton_render_is_deterministic_on_the_gpu() -> None:
     outs = []
     for _ in range(2):
         gen = torch.Generator(device=dev).manual_seed(1)
-        aug = G.PixelAugmenter(moco_v2(96), px, off, hh, ww, torch.float32, gen, kernel="triton")
+        aug = PixelAugmenter(moco_v2(96), px, off, hh, ww, torch.float32, gen, kernel="triton")
         outs.append(aug.augment(torch.arange(n, device=dev)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)

@@ -6,8 +6,8 @@
 * device  — the whole store on the training device (GPU when it fits with headroom; on CPU the
             memory-mapped file itself, paged in by the OS). A batch is then a pure device function of
             its indices (`augment`), with no host work and no sync. On CPU the same draws are rendered
-            by gpu_aug's per-sample numba kernel over torch.get_num_threads() threads when numba is
-            installed (same pixels to float rounding; a batch then costs ~1/10 of the batched ops).
+            by the per-sample numba kernel (augment/cpu.py) over torch.get_num_threads() threads when
+            numba is installed (same pixels to float rounding, a fraction of the batched ops' work).
 * host    — the store does not fit the GPU: it stays in (pinned, if `pin_host`) host memory; a worker
             thread gathers the next batch's images into a pinned staging buffer and copies them to a
             device buffer on a side stream one batch ahead; the same resampling runs on that buffer.
@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from fastvpd.config import UserError
-from fastvpd.data import Batch, LoaderBase
-from fastvpd.data.gpu_aug import PixelAugmenter
+from fastvpd.data.augment import PixelAugmenter
+from fastvpd.data.base import Batch, LoaderBase
 from fastvpd.data.spec import AugSpec
 
 GPU_HEADROOM_FRACTION = 0.35  # of total GPU memory kept free for the model when placing the cache
@@ -98,8 +98,7 @@ class CacheLoader(LoaderBase):
         train: bool = True,
         pin_host: bool = True,
         placement: str = "auto",
-        compile_aug: bool = False,
-        aug_kernel: str = "torch",
+        aug_kernel: str = "auto",
     ) -> None:
         pixels, meta = load_cache(manifest.path(split, "cache"))
         n = len(meta["offsets"])
@@ -148,7 +147,6 @@ class CacheLoader(LoaderBase):
             self.widths,
             dtype,
             self.gen,
-            compile=compile_aug,
             kernel=aug_kernel,
         )
         self.deferred = False  # defer_views(): batches carry indices + seed, the step renders the views

@@ -1,16 +1,15 @@
 """The `ffcv` backend: FFCV decodes + crops + flips in JIT-compiled host threads; the rest of the spec
-(jitter, grayscale, blur, normalise) runs batched on the device with the same `gpu_aug` ops as `cache`
-(on CPU with numba: gpu_aug's per-sample kernel, `render_cpu_images`, same draws and pixels).
+(jitter, grayscale, blur, normalise) runs on the loader's device through the shared
+`augment.ViewFinisher`, with the cache backend's draws and renderings.
 
 Two views, decoded twice or once (`data.ffcv_decode`). `twice` (default) is FFCV's usual layout, one
 pipeline per view over the same field (`PipelineSpec('image', decoder=...)`): one JPEG decode per view,
 as the reference torchvision loader pays. `once`: FFCV's batch buffers need fixed-size outputs, so our
 decoder declares one output of shape [V, R, R, 3] per sample, decodes the JPEG once into its scratch
 buffer and cuts the V crops (each with its own crop and flip draw) from it; the loader slices the views
-out of that buffer in place. Measured (benchmarks/results/): on the 16-core host of an H100, `twice` gave
-5728-5752 two-view samples/s at 224 px against 3707-4308 for `once` (which kept only a third of the cores
-busy); on 2 CPU cores `once` was 1.15-1.36x faster (less decode work where cores are the limit). So
-`twice` is the default and `once` the choice for hosts with few cores per GPU.
+out of that buffer in place. `twice` keeps more host cores busy and is faster on hosts with many cores per
+GPU (the default); `once` halves the decode work and is faster where the cores are the limit (figures in
+benchmarks/results/).
 
 Sample order is our own (`shard_indices`: the same permutation and rank sharding as every backend,
 resumable at start_step), handed to FFCV as a custom TraversalOrder.
@@ -39,11 +38,11 @@ import numpy as np
 import torch
 
 from fastvpd.config import UserError
-from fastvpd.data import Batch, LoaderBase, mix_seed, torch_threads_kept
-from fastvpd.data import gpu_aug as G
+from fastvpd.data.augment import ViewFinisher
+from fastvpd.data.base import Batch, LoaderBase, mix_seed, torch_threads_kept
 from fastvpd.data.spec import AugSpec, ResizeCenterCrop
 
-INSTALL_HINT = "pip install -e '.[ffcv]'"
+INSTALL_HINT = "pip install 'fastvpd[ffcv]'"
 
 
 def _import_ffcv() -> Any:
@@ -192,7 +191,7 @@ def _with_ast_race_retries(build: Callable[[], Any], tries: int = 3) -> Any:
 
 
 class FFCVLoader(LoaderBase):
-    """ffcv.loader.Loader over OUT/<split>/<split>.beton, finished on the device by gpu_aug."""
+    """ffcv.loader.Loader over OUT/<split>/<split>.beton, finished on the device by `ViewFinisher`."""
 
     def __init__(
         self,
@@ -208,8 +207,7 @@ class FFCVLoader(LoaderBase):
         train: bool = True,
         workers: int = 0,
         decode: str = "twice",
-        compile_aug: bool = False,
-        aug_kernel: str = "torch",
+        aug_kernel: str = "auto",
     ) -> None:
         _import_ffcv()
         from ffcv.fields.decoders import IntDecoder
@@ -304,7 +302,7 @@ class FFCVLoader(LoaderBase):
         # FFCV yields outputs in pipeline order: the beton's fields first, then the extra views
         self._names = list(self.loader.pipeline_specs)
         # jitter, grayscale, blur, normalise on the device, reading the views from FFCV's buffer
-        self._finisher = G.ViewFinisher(spec.views, dev, dtype, compile_aug, aug_kernel)
+        self._finisher = ViewFinisher(spec.views, dev, dtype, aug_kernel)
         self.gen = self._finisher.gen
 
     def _images(self, named: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fastvpd.config import UserError
-from fastvpd.data import Batch, LoaderBase, mix_seed
+from fastvpd.data.base import Batch, LoaderBase, mix_seed
 from fastvpd.data.spec import AugSpec, RandomResizedCrop, ResizeCenterCrop, ViewSpec
 
 

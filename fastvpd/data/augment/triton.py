@@ -1,11 +1,11 @@
-"""The fixed-shape augmentation's pixel work as Triton kernels (`data.aug_kernel=triton`, GPU).
+"""The GPU rendering of the views: each pixel's whole chain in Triton kernels (`triton_kernels`), the
+default on a CUDA device where Triton loads.
 
-Why: the batched torch form (`gpu_aug.photometric`) streams the whole batch through memory once per op:
-six colour-matrix blends, hue, two blur matmuls, a final colour matrix, each with its own pass, and
-torch.compile cannot fuse across them (each blend needs the whole image's mean first, and a blur needs
-its neighbours). On an H100 that was 15.3 ms of GPU time per two-view batch of 256 at 224 px, compiled.
-Here (kernels in `triton_kernels`) each pixel goes through the whole chain in registers, as the numba
-CPU kernel does it (`gpu_aug._render_rows`), with the sample's own op order:
+Why: the torch reference (`photometric.photometric`) streams the whole batch through memory once per op
+(six colour-matrix blends, hue, two blur matmuls, a final colour matrix, each its own pass), and
+torch.compile cannot fuse across them (each blend needs the whole image's mean first, and a blur needs its
+neighbours). Here each pixel goes through the whole chain in registers, as the numba CPU kernel
+(`cpu._render_rows`) does it, with the sample's own op order:
 
 1. `colour` PHASE 0 (only when the view jitters): resample from the uint8 store, the jitter ops the
    sample draws *before* its contrast, then the grey level, summed per block of pixels. Contrast is the
@@ -17,10 +17,10 @@ CPU kernel does it (`gpu_aug._render_rows`), with the sample's own op order:
    along W, the second pass normalising and casting. Samples not drawn for the blur skip it: `colour`
    finished them (their planes are never written, and the blur's programs for them do nothing).
 
-Every op is torchvision's float32 formula, as in `gpu_aug` (tests/test_triton_aug.py checks the views
-against the torch form on the same draws). The launch shapes are fixed by the batch and the view, and
-nothing is read back to the host, so a CUDA graph captures the kernels with the training step. The
-block partial sums are added by torch in a fixed order, so the pixels are deterministic.
+Every op is torchvision's float32 formula, as in the torch reference (tests/test_triton_aug.py checks the
+views against it on the same draws). The launch shapes are fixed by the batch and the view, and nothing
+is read back to the host, so a CUDA graph captures the kernels with the training step. The block partial
+sums are added by torch in a fixed order, so the pixels are deterministic.
 
 Without a GPU they run only in Triton's interpreter (numpy, slow; for tests), which must be chosen
 before Triton is first imported: `TRITON_INTERPRET=1` in the environment of a fresh process.
@@ -34,11 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# pixels per program, and warps: 8 pixels a thread. benchmarks/aug_tune.py times the alternatives; on an H100
-# (run 4, 2026-11-27; GPU ms per two-view batch of 256 at 224 px) 1024 x 4: 1.51, 512 x 4: 1.52, 1024 x 8
-# (the earlier default): 1.56, 2048 x 8: 1.63, 256 x 4: 1.74. At 224 px, compiled for sm_90a (Triton 3.8's
-# ptxas), 4 warps take 125-136 registers a thread in `colour` and 72 in `blur` (79/76/48 at 8 warps), no
-# spills.
+from fastvpd.data.augment.geometry import images_as_store
+from fastvpd.data.augment.photometric import gaussian_kernels
+
+# pixels per program, and warps (8 pixels a thread): benchmarks/aug_tune.py times the alternatives
 BLOCK = 1024
 WARPS = 4
 
@@ -50,9 +49,8 @@ def unavailable(device: torch.device) -> str:
     """'' when the kernels can render tensors on `device`, else why not (one line)."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return (
-            f"data.aug_kernel=triton needs a CUDA device (this run's is {device.type}): use "
-            "data.aug_kernel=torch (TRITON_INTERPRET=1 runs the kernels in Triton's slow interpreter, "
-            "for tests)"
+            f"the Triton kernels need a CUDA device (this run's is {device.type}; TRITON_INTERPRET=1 runs "
+            "them in Triton's slow interpreter, for tests)"
         )
     load()
     return _ERROR
@@ -65,9 +63,9 @@ def load() -> Any:
     if _KERNELS is not None or _ERROR:
         return _KERNELS
     try:
-        from fastvpd.data import triton_kernels
+        from fastvpd.data.augment import triton_kernels
     except Exception as e:  # noqa: BLE001 - any import failure means no Triton here
-        _ERROR = f"data.aug_kernel=triton needs the triton package ({type(e).__name__}: {e})"
+        _ERROR = f"the Triton kernels need the triton package ({type(e).__name__}: {e})"
         return None
     _KERNELS = triton_kernels
     return _KERNELS
@@ -85,17 +83,15 @@ def render(  # noqa: PLR0913
     std: Tensor,
     dtype: torch.dtype,
 ) -> Tensor:
-    """One view, as `gpu_aug.render_pixels` gives it (channels-last `dtype` [B, 3, R, R]), by the kernels.
+    """One view, as the torch reference renders it (channels-last `dtype` [B, 3, R, R]), by the kernels.
 
     pixels uint8 [P, 3] (a store, or a batch of HWC images seen as one); base/width [B]; ys/xs the
-    view's `gpu_aug.AxisMap`s; p its `gpu_aug.Photometric` draws; mean/std [3] on the same device.
+    view's `geometry.AxisMap`s; p its `draws.Photometric`; mean/std [3] on the same device.
     """
     why = unavailable(pixels.device)
     if why:
         raise RuntimeError(why)
     k = _KERNELS
-    from fastvpd.data.gpu_aug import gaussian_kernels
-
     b, res = base.shape[0], ys.i0.shape[1]
     dev = pixels.device
     nblk = -(-res * res // BLOCK)
@@ -154,8 +150,6 @@ def render(  # noqa: PLR0913
 
 def render_images(x: Tensor, view: Any, p: Any, mean: Tensor, std: Tensor, dtype: torch.dtype) -> Tensor:
     """Already-cropped uint8 views [B, 3, R, R] with NHWC memory (FFCV's decoder slots) finished by the
-    kernels: `render` over `gpu_aug.images_as_store`, reading each sample where it lies (no copy first)."""
-    from fastvpd.data.gpu_aug import images_as_store
-
+    kernels: `render` over `geometry.images_as_store`, reading each sample where it lies (no copy first)."""
     pixels, base, width, ys, xs = images_as_store(x)
     return render(pixels, base, width, ys, xs, view, p, mean, std, dtype)

@@ -1,5 +1,5 @@
-"""`data.dali_jitter=device`: DALI decodes, crops and flips into uint8; the loader's device renders the rest
-of the view (jitter, grayscale, blur, normalise) with the ffcv backend's finishing ops and draws."""
+"""The dali backend: DALI decodes (once per sample), crops and flips into uint8; the loader's device renders
+the rest of the view (jitter, grayscale, blur, normalise) with the ffcv backend's finishing ops and draws."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI: pip install -e '.[dali]'")
+pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI: pip install 'fastvpd[dali]'")
 
 from fastvpd.config import DataConfig, UserError  # noqa: E402
-from fastvpd.data import build_loader, eval_spec, moco_v2, supervised  # noqa: E402
-from fastvpd.data import gpu_aug as G  # noqa: E402
+from fastvpd.data import build_loader, moco_v2, supervised  # noqa: E402
+from fastvpd.data.augment.draws import sample_photometric  # noqa: E402
+from fastvpd.data.augment.photometric import photometric  # noqa: E402
 from fastvpd.data.spec import with_strength  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,43 +25,21 @@ BS = 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _loader(root: Path, spec, jitter: str = "device", split: str = "train", seed: int = 3, **kw):  # noqa: ANN001, ANN202
-    cfg = DataConfig(root=str(root), backend="dali", workers=2, dali_jitter=jitter, **kw)
-    return build_loader(cfg, spec, split, BS, "cpu", torch.float32, seed=seed, train=split == "train")
+def _loader(root: Path, spec, split: str = "train", seed: int = 3, **hooks):  # noqa: ANN001, ANN003, ANN202
+    cfg = DataConfig(root=str(root), backend="dali", workers=2)
+    return build_loader(
+        cfg, spec, split, BS, "cpu", torch.float32, seed=seed, train=split == "train", **hooks
+    )
 
 
 def _no_photometric(spec):  # noqa: ANN001, ANN202
     return with_strength(spec, jitter_p=0, grayscale_p=0, blur_p=0)
 
 
-@pytest.mark.parametrize(
-    ("decode", "split"), [("once", "train"), ("twice", "train"), ("once", "val")], ids=str
-)
-def test_device_views_are_the_exact_views_without_photometric_ops(
-    digits_converted: Path, decode: str, split: str
-) -> None:
-    """With no jitter, grayscale or blur, `device` mode's DALI graph is `exact` mode's (the same random
-    ops, created in the same order, so the same seeds and crops and flips): the views agree up to float
-    rounding of the normalisation, for a whole decode per sample (`once`), a cropped decode per view
-    (`twice`) and the eval view (resize + centre crop)."""
-    spec = _no_photometric(moco_v2(RES)) if split == "train" else eval_spec(RES)
-    dev = list(_loader(digits_converted, spec, "device", split, dali_decode=decode))
-    exact = list(_loader(digits_converted, spec, "exact", split, dali_decode=decode))
-    assert len(dev) == len(exact) >= 2
-    asymmetric = 0
-    for a, b in zip(dev, exact):
-        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
-        for va, vb in zip(a.views, b.views):
-            assert va.is_contiguous(memory_format=torch.channels_last)
-            torch.testing.assert_close(va, vb, rtol=0, atol=1e-5)
-            asymmetric += int((va - va.flip(-1)).abs().amax() > 0)
-    assert asymmetric > 0  # not trivially equal: mirror-asymmetric crops, so a flip would show
-
-
-def test_device_mode_finishes_the_crops_with_the_batch_draws(digits_converted: Path) -> None:
+def test_the_device_finishes_the_crops_with_the_batch_draws(digits_converted: Path) -> None:
     """The uint8 crops do not depend on the photometric ops of the spec (DALI only crops and flips), and
-    each view is `gpu_aug.photometric` of its crop with the draws of a generator seeded by the batch's
-    `step_seed`: what the ffcv backend (and the cache backend's draws) do."""
+    each view is the torch reference `photometric` of its crop with the draws of a generator seeded by the
+    batch's `step_seed`: what the ffcv backend (and the cache backend's draws) do."""
 
     def run(spec):  # noqa: ANN001, ANN202
         loader = _loader(digits_converted, spec)
@@ -84,14 +63,14 @@ def test_device_mode_finishes_the_crops_with_the_batch_draws(digits_converted: P
             assert x.dtype == torch.uint8 and x.shape == (BS, 3, RES, RES)
             assert x.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(x, x0)
-            ph = G.sample_photometric(view, BS, gen, torch.device("cpu"))
+            ph = sample_photometric(view, BS, gen, torch.device("cpu"))
             mean, std = torch.tensor(view.normalize.mean), torch.tensor(view.normalize.std)
-            want = G.photometric(x.float() / 255.0, view, ph, False, mean, std, torch.float32)
+            want = photometric(x.float() / 255.0, view, ph, mean, std, torch.float32)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert "generator" in loader.state_dict()
 
 
-def test_device_mode_resumes_exactly(digits_converted: Path) -> None:
+def test_resumes_exactly(digits_converted: Path) -> None:
     """Resume at start_step gives the epoch's tail batch for batch (DALI re-reads the skipped batches;
     the photometric draws come from each batch's own step seed); another epoch draws other views."""
     spec = moco_v2(RES)
@@ -108,7 +87,7 @@ def test_device_mode_resumes_exactly(digits_converted: Path) -> None:
     assert not torch.equal(next(iter(loader)).views[0], full[0].views[0])
 
 
-def test_device_mode_autoaugment(digits_converted: Path) -> None:
+def test_autoaugment_on_the_device(digits_converted: Path) -> None:
     """AutoAugment views: DALI crops and flips, the loader runs AutoAugment eagerly on the device (as the
     ffcv backend), then the photometric ops; seeded."""
     spec = supervised(RES, autoaugment=True)
@@ -121,19 +100,11 @@ def test_device_mode_autoaugment(digits_converted: Path) -> None:
     assert not torch.equal(a.views[0], plain.views[0])  # the policy changed some pixels
 
 
-@pytest.mark.parametrize("jitter", ["exact", "fused"])
-def test_triton_kernels_need_device_mode(digits_converted: Path, jitter: str) -> None:
-    """`data.aug_kernel=triton` asks for kernels only the device mode runs: one line naming the fix;
-    `auto` is DALI's own rendering in the other modes, and the torch ops (numba) on a CPU."""
-    with pytest.raises(UserError, match=r"data\.aug_kernel=triton .* needs data\.dali_jitter=device"):
-        _loader(digits_converted, moco_v2(RES), jitter, aug_kernel="triton")
-    assert _loader(digits_converted, moco_v2(RES), jitter, aug_kernel="auto")._finisher is None
-    assert not _loader(digits_converted, moco_v2(RES), "device", aug_kernel="auto")._finisher.triton
-
-
 def test_triton_kernels_need_a_gpu(digits_converted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the default picks the torch ops (numba); asking for the Triton kernels is one line."""
+    assert not _loader(digits_converted, moco_v2(RES))._finisher.triton
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(UserError, match="needs a CUDA device"):
+    with pytest.raises(UserError, match="need a CUDA device"):
         _loader(digits_converted, moco_v2(RES), aug_kernel="triton")
 
 
@@ -144,8 +115,8 @@ from fastvpd.data import build_loader, moco_v2
 torch.set_num_threads(1)
 out = []
 for kernel in ("torch", "triton"):
-    cfg = DataConfig(root=sys.argv[1], backend="dali", dali_jitter="device", aug_kernel=kernel, workers=1)
-    loader = build_loader(cfg, moco_v2(16), "train", 16, "cpu", torch.float32, seed=5)
+    cfg = DataConfig(root=sys.argv[1], backend="dali", workers=1)
+    loader = build_loader(cfg, moco_v2(16), "train", 16, "cpu", torch.float32, seed=5, aug_kernel=kernel)
     out.append(next(iter(loader)))
 a, b = out
 print("RESULT " + json.dumps({
@@ -157,8 +128,8 @@ print("RESULT " + json.dumps({
 
 
 def test_triton_kernels_finish_the_dali_crops(digits_converted: Path, triton_child) -> None:  # noqa: ANN001
-    """`data.aug_kernel=triton` with `dali_jitter=device` (in Triton's interpreter, a child process):
-    the torch form's views (the numba kernel here), from the same crops and draws."""
+    """The Triton kernels finishing DALI's crops (in Triton's interpreter, a child process): the views of
+    the torch renderings (the numba kernel here), from the same crops and draws."""
     pytest.importorskip("triton")
     r = triton_child(CHILD, str(digits_converted))
     assert r["same_indices"] and r["layout"], r

@@ -1,5 +1,5 @@
-"""Triton kernels of `triton_aug` (imported by `triton_aug.load()`, which picks the interpreter without a
-GPU). Each pixel runs the whole chain in registers; the formulas are gpu_aug's (torchvision's)."""
+"""Triton kernels of `augment.triton` (imported by `triton.load()`, which picks the interpreter without a
+GPU). Each pixel runs the whole chain in registers; the formulas are the torch reference's (torchvision's)."""
 # ruff: noqa: ANN001, ANN202, PLR0913, PLR0915, N803
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-GW0 = tl.constexpr(0.2989)  # torchvision rgb_to_grayscale weights (gpu_aug._GRAY_W)
+GW0 = tl.constexpr(0.2989)  # torchvision rgb_to_grayscale weights (photometric.GRAY_W)
 GW1 = tl.constexpr(0.587)
 GW2 = tl.constexpr(0.114)
 UNROLL_TAPS = tl.constexpr(64)  # blur kernels up to this many taps (45 at 448 px) are unrolled
@@ -31,7 +31,7 @@ def _rem6(a):
 
 @triton.jit
 def _hue(r, g, b, f):
-    """torchvision adjust_hue of each pixel: _rgb2hsv, shift, closed-form _hsv2rgb (gpu_aug._hue_px)."""
+    """torchvision adjust_hue of each pixel: _rgb2hsv, shift, closed-form _hsv2rgb (as cpu._hue_px)."""
     maxc = tl.maximum(r, tl.maximum(g, b))
     minc = tl.minimum(r, tl.minimum(g, b))
     eqc = maxc == minc
@@ -58,7 +58,7 @@ def _hue(r, g, b, f):
 
 @triton.jit
 def _sample(pix, r0, r1, x0, x1, a0, a1, wy, big, c, ok):
-    """One channel of the bilinear resample, as gpu_aug.resample: lerp along x, then torch.lerp along y."""
+    """One channel of the bilinear resample, as geometry.resample: lerp along x, then torch.lerp along y."""
     p00 = tl.load(pix + (r0 + x0) * 3 + c, mask=ok, other=0).to(tl.float32)
     p01 = tl.load(pix + (r0 + x1) * 3 + c, mask=ok, other=0).to(tl.float32)
     p10 = tl.load(pix + (r1 + x0) * 3 + c, mask=ok, other=0).to(tl.float32)
