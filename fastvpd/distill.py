@@ -1,4 +1,5 @@
-"""Phase 2, self-distillation: `python -m fastvpd.distill --config configs/X.yaml distill.teacher=CKPT ...`.
+"""Phase 2, self-distillation: `python -m fastvpd.distill --config RECIPE distill.teacher=CKPT ...` (`--help`
+lists the keys), or from Python `fastvpd.distill.run(...)`.
 
 Teacher and student both start from the MoCo *query* backbone of a pretraining checkpoint; the teacher is
 frozen (never in the optimizer; its BN stays in training mode as in the authors' code unless
@@ -21,6 +22,7 @@ Reads top to bottom: config → data → models → optimizer → Task (the step
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,6 @@ from fastvpd.classifier import (
 )
 from fastvpd.config import UserError
 from fastvpd.data import render_then, views_in_step
-from fastvpd.models import adapt_stem
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
 
@@ -220,9 +221,7 @@ def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
     classes = Manifest.load(cfg.data.root).classes
     torch.manual_seed(cfg.train.seed)  # identical fc / connector init on every rank
     net = build_net(cfg, loader.num_classes, say).to(info.device)
-    adapt_stem(net, cfg.model.stem_channels, cfg.model.stem_impl)
-    if cfg.model.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)
     setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
     lr = base_lr(cfg.optim, cfg.train.batch_size)
     optimizer = build_sgd(
@@ -237,21 +236,24 @@ def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
     return task, loader, engine.schedule_for(cfg, loader, lr)
 
 
-def run(argv: list[str] | None = None) -> engine.FitResult:
-    """Run (or resume) a distillation / fine-tuning / from-scratch run; returns fit's result (run_dir,
-    how it stopped, last checkpoint).
+def run(cfg: Any = None, argv: list[str] | None = None) -> engine.FitResult:
+    """Run (or resume) a distillation / fine-tuning / from-scratch run from Python; returns its result:
+    `run_dir`, `last_checkpoint`, `metrics` (the last training means and val top-1/top-5), `stopped`
+    (done, max_steps or a signal's name).
 
-    For callers in the same process (the demo), which must tell a finished run from one stopped by a
-    signal; the command line uses `main`.
+    `cfg`: a `config.DistillRun` (dataclass or OmegaConf), a mapping of overrides ({"train.epochs": 2}),
+    or a list of command-line arguments; `argv` (e.g. ["--config", "demo_digits_distill"]) is applied first, a
+    mapping on top of it. Mistakes raise `config.ConfigError` / `config.UserError`.
     """
-    cfg = config.load(config.DistillRun, argv)
+    cfg = config.resolve(config.DistillRun, cfg, argv)
     return engine.launch("distill", cfg, build, eval_every=cfg.eval.every, best_key="val_top1")
 
 
 @config.main_guard
 def main(argv: list[str] | None = None) -> Path:
-    """Run (or resume) a distillation / fine-tuning / from-scratch run; returns the run directory."""
-    return run(argv).run_dir
+    """The command line: run (or resume) a distillation / fine-tuning / from-scratch run; returns the run
+    directory."""
+    return run(argv=sys.argv[1:] if argv is None else argv).run_dir
 
 
 if __name__ == "__main__":

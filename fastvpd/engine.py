@@ -91,6 +91,12 @@ class FitResult:
     stopped: str  # done | max_steps | the signal's name (SIGTERM, SIGINT)
     last_checkpoint: Path | None
     eval: dict[str, float] = field(default_factory=dict)  # the last evaluation's metrics
+    train: dict[str, float] = field(default_factory=dict)  # the last log window's training means (loss, ...)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The final metrics: the last training means and the last evaluation."""
+        return {**self.train, **self.eval}
 
     @property
     def interrupted(self) -> bool:
@@ -170,6 +176,7 @@ def fit(
     limit = total if cfg.train.max_steps < 0 else min(total, cfg.train.max_steps)
     global_batch = global_batch or cfg.train.batch_size
     epoch, in_epoch, g, best, last_eval = 0, 0, 0, -math.inf, {}
+    last_train: dict[str, float] = {}
 
     found = _find_resume(cfg, ckpts.dir, say) if info.is_main else None
     resume_path = dist.broadcast_object(str(found[0]) if found else None)
@@ -253,6 +260,8 @@ def fit(
             row["skipped"] = m["nonfinite"]
         row.update({"samples_per_s": steps_win * global_batch / dt, "data_wait": wait_win / dt})
         logger.log(g, row)
+        last_train.clear()
+        last_train.update(m["mean"])
         logger.advance(steps_win, g, steps_win * global_batch / dt, m["mean"])
         t_win, wait_win, steps_win = time.perf_counter(), 0.0, 0
 
@@ -316,7 +325,7 @@ def fit(
         logger.close()
     if stopped == "done" and limit < total:  # resumed at (or past) train.max_steps
         stopped = "max_steps"
-    return FitResult(run_dir, g, epoch, stopped, last_ckpt, last_eval)
+    return FitResult(run_dir, g, epoch, stopped, last_ckpt, last_eval, last_train)
 
 
 def launch(
@@ -365,7 +374,7 @@ class Prepared:
 
     def eval_loader(self, cfg: Any, split: str) -> Any:
         """A deterministic evaluation loader of `split` with this run's batch, device and dtype."""
-        spec = from_config(cfg.aug, train=False)
+        spec = from_config(config.aug_settings(cfg.aug), train=False)
         return build_loader(
             cfg.data, spec, split, self.per_rank, self.info.device, self.dtype, cfg.train.seed, train=False
         )
@@ -383,9 +392,10 @@ def prepare(cfg: Any) -> Prepared:
     per_rank = cfg.train.batch_size // info.world_size
     precision = Precision(cfg.train.amp, info.device)
     dtype = precision.dtype or torch.float32
+    spec = from_config(config.aug_settings(cfg.aug), train=True)
     loader = build_loader(
-        cfg.data, from_config(cfg.aug, train=True), cfg.data.train_split, per_rank, info.device, dtype,
-        cfg.train.seed, info.rank, info.world_size, train=True,
+        cfg.data, spec, config.TRAIN_SPLIT, per_rank, info.device, dtype, cfg.train.seed, info.rank,
+        info.world_size, train=True,
     )  # fmt: skip
     return Prepared(info, precision, dtype, per_rank, loader)
 

@@ -1,6 +1,7 @@
-"""Linear probe (MoCo's `main_lincls.py` protocol): `python -m fastvpd.linear distill.teacher=CKPT ...`.
+"""Linear probe (MoCo's `main_lincls.py` protocol): `python -m fastvpd.linear linear.backbone=CKPT ...`
+(`--help` lists the keys), or from Python `fastvpd.linear.run(...)`.
 
-The backbone comes from a pretraining checkpoint (the MoCo query encoder; `distill.teacher` names the
+The backbone comes from a pretraining checkpoint (the MoCo query encoder; `linear.backbone` names the
 file), is frozen and kept in eval mode (BN on running statistics); only a new fc (init N(0, 0.01), bias 0)
 is trained, with plain cross-entropy and SGD lr 30, no weight decay, ×0.1 at epochs 60 and 80 of 100
 (LinearRun's defaults). Validation top-1/top-5 every `eval.every` epochs; checkpoints hold the whole
@@ -10,6 +11,7 @@ classifier, so `python -m fastvpd.evaluate` reads them like distillation checkpo
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastvpd import config, dist, engine
 from fastvpd.classifier import Classifier, backbone_state, classifier_record, evaluate_top, read_state
 from fastvpd.config import UserError
-from fastvpd.models import adapt_stem, route, routed
+from fastvpd.models import route, routed
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
 
@@ -154,10 +156,9 @@ def _route_fc_through_ddp(model: FrozenClassifier, device: torch.device) -> None
 
 def build(cfg: Any, say: Any = print) -> tuple[LinearTask, Any, Any]:
     """Everything `fit` needs: (task, train loader, schedule)."""
-    if cfg.model.init != "moco":
-        raise config.ConfigError("the linear probe evaluates a pretrained backbone: model.init must be moco")
-    if not cfg.distill.teacher:
-        raise UserError("set distill.teacher=PATH: the pretraining checkpoint whose backbone is probed")
+    path = cfg.linear.backbone
+    if not path:
+        raise UserError("set linear.backbone=PATH: the pretraining checkpoint whose backbone is probed")
     prep = engine.prepare(cfg)
     info, precision, loader = prep.info, prep.precision, prep.loader
     val_loader = prep.eval_loader(cfg, cfg.data.val_split) if info.is_main and cfg.eval.every > 0 else None
@@ -165,16 +166,11 @@ def build(cfg: Any, say: Any = print) -> tuple[LinearTask, Any, Any]:
 
     classes = Manifest.load(cfg.data.root).classes
     m = cfg.model
-    state = backbone_state(
-        read_state(cfg.distill.teacher), m.arch, m.small_stem, source=f"distill.teacher={cfg.distill.teacher}"
-    )
+    state = backbone_state(read_state(path), m.arch, m.small_stem, source=f"linear.backbone={path}")
     torch.manual_seed(cfg.train.seed)
     model = FrozenClassifier(m.arch, loader.num_classes, m.small_stem)
     model.backbone.load_state_dict(state)
-    model = model.to(info.device)
-    adapt_stem(model, m.stem_channels, m.stem_impl)
-    if m.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(info.device, memory_format=torch.channels_last)
     setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
     lr = base_lr(cfg.optim, cfg.train.batch_size)
     optimizer = build_sgd(
@@ -185,25 +181,28 @@ def build(cfg: Any, say: Any = print) -> tuple[LinearTask, Any, Any]:
         say("torch.compile: backbone compiled (first steps are slow)")
     if info.distributed:
         _route_fc_through_ddp(model, info.device)
-    say(f"linear: frozen {m.arch} from {cfg.distill.teacher}, fc to {loader.num_classes} classes")
+    say(f"linear: frozen {m.arch} from {path}, fc to {loader.num_classes} classes")
     task = LinearTask(cfg, model, optimizer, precision, lr, val_loader, classes, say)
     return task, loader, engine.schedule_for(cfg, loader, lr)
 
 
-def run(argv: list[str] | None = None) -> engine.FitResult:
-    """Run (or resume) a linear probe; returns fit's result (run_dir, how it stopped, last checkpoint).
+def run(cfg: Any = None, argv: list[str] | None = None) -> engine.FitResult:
+    """Run (or resume) a linear probe from Python; returns its result: `run_dir`,
+    `last_checkpoint`, `metrics` (the last training means and val top-1/top-5), `stopped` (done, max_steps
+    or a signal's name).
 
-    For callers in the same process (the demo), which must tell a finished run from one stopped by a
-    signal; the command line uses `main`.
+    `cfg`: a `config.LinearRun` (dataclass or OmegaConf), a mapping of overrides ({"train.epochs": 2}),
+    or a list of command-line arguments; `argv` (e.g. ["--config", "demo_digits_linear"]) is applied first, a
+    mapping on top of it. Mistakes raise `config.ConfigError` / `config.UserError`.
     """
-    cfg = config.load(config.LinearRun, argv)
+    cfg = config.resolve(config.LinearRun, cfg, argv)
     return engine.launch("linear", cfg, build, eval_every=cfg.eval.every, best_key="val_top1")
 
 
 @config.main_guard
 def main(argv: list[str] | None = None) -> Path:
-    """Run (or resume) a linear probe; returns the run directory."""
-    return run(argv).run_dir
+    """The command line: run (or resume) a linear probe; returns the run directory."""
+    return run(argv=sys.argv[1:] if argv is None else argv).run_dir
 
 
 if __name__ == "__main__":

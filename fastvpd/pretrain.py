@@ -1,4 +1,5 @@
-"""MoCo v2 (+ margin) pretraining: `python -m fastvpd.pretrain --config configs/X.yaml key=value ...`.
+"""MoCo v2 (+ margin) pretraining: `python -m fastvpd.pretrain --config RECIPE key=value ...` (`--help` lists
+the keys), or from Python `fastvpd.pretrain.run(...)`.
 
 Several processes: `torchrun --nproc_per_node=G -m fastvpd.pretrain ...` (train.batch_size is the global
 batch, split over ranks; DDP on the query encoder only; keys all-gathered before the enqueue; MoCo's
@@ -10,6 +11,7 @@ Reads top to bottom: config → data → model → optimizer → Task (the step 
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastvpd import config, dist, engine
 from fastvpd.data import render_then, views_in_step
+from fastvpd.data.manifest import Manifest
 from fastvpd.knn import knn_accuracy
 from fastvpd.moco import MoCo
-from fastvpd.models import adapt_stem
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import MOCO_METRICS, DeviceMeters, GraphedStep, Precision, moco_step, pin_lr, setup_backends
+
+KNN_T = 0.1  # the kNN monitor's vote temperature (exp(similarity / T) weights), as MoCo's monitor uses
 
 
 class MocoTask:
@@ -31,7 +35,9 @@ class MocoTask:
 
     `model` is the plain MoCo module (its state_dict keys never carry a DDP prefix); with several
     processes `model.query` runs through a DDP wrapper (`MoCo.route_query`). With the cache backend the
-    step also renders the two views from the batch's indices (`data.aug_in_step`), inside the graph.
+    step also renders the two views from the batch's indices, inside the graph. With one CUDA device in one
+    process the key encoder (momentum update and forward) runs on a second CUDA stream, beside the query
+    forward.
     """
 
     def __init__(
@@ -62,14 +68,9 @@ class MocoTask:
             else ""
         )
         key_stream = None
-        if cfg.moco.overlap_key:
-            if info.device.type == "cuda" and not info.distributed:
-                key_stream = torch.cuda.Stream(info.device)
-                say(
-                    "moco.overlap_key: the key encoder runs on a second CUDA stream, beside the query forward"
-                )
-            else:
-                say("moco.overlap_key needs one CUDA device in one process: the key encoder runs in sequence")
+        if info.device.type == "cuda" and not info.distributed:
+            key_stream = torch.cuda.Stream(info.device)
+            say("the key encoder runs on a second CUDA stream, beside the query forward")
         fn = functools.partial(
             moco_step, model, optimizer, precision, self.meters, skip_nonfinite=skip, key_stream=key_stream
         )
@@ -108,22 +109,27 @@ class MocoTask:
         return torch.cat(feats), torch.cat(labels)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """kNN top-1 (k=eval.knn_k, T=eval.knn_t) of val images against the train split's backbone
+        """kNN top-1 (k=eval.knn_k, T=KNN_T) of val images against the train split's backbone
         features (eval transform, BN in eval mode); main rank only."""
         if self.eval_loaders is None:
             return {}
         self.model.eval()
         try:
-            bank, bank_labels = self._features(self.eval_loaders[0])
-            val, val_labels = self._features(self.eval_loaders[1])
+            bank_loader, val_loader = self.eval_loaders
+            if bank_loader is None:  # unlabelled train split: val's even samples are the bank, odd queries
+                feats, labels = self._features(val_loader)
+                bank, bank_labels, val, val_labels = feats[0::2], labels[0::2], feats[1::2], labels[1::2]
+            else:
+                bank, bank_labels = self._features(bank_loader)
+                val, val_labels = self._features(val_loader)
             top1 = knn_accuracy(
                 val,
                 val_labels,
                 bank,
                 bank_labels,
-                self.eval_loaders[0].num_classes,
+                val_loader.num_classes,
                 k=self.cfg.eval.knn_k,
-                t=self.cfg.eval.knn_t,
+                t=KNN_T,
             )
         finally:
             self.model.train()
@@ -150,15 +156,27 @@ def _route_query_through_ddp(model: MoCo, device: torch.device) -> None:
     model.route_query(DDP(model.encoder_q, device_ids=ids, broadcast_buffers=False))
 
 
+def _knn_loaders(cfg: Any, prep: Any, say: Any) -> tuple[Any, Any] | None:
+    """(bank, query) loaders of the kNN monitor: train and val when both carry labels; (None, val) when
+    the train split is unlabelled (half of val is the bank); None (said once) without a labelled val."""
+    manifest = Manifest.load(cfg.data.root)
+    val = cfg.data.val_split
+    if val not in manifest.splits or not manifest.labelled(val):
+        say(f"kNN monitor off: {cfg.data.root} has no labelled split {val!r} (data.val_split)")
+        return None
+    if not manifest.labelled(config.TRAIN_SPLIT):
+        say(f"kNN monitor: the train split has no labels, so half of {val!r} is the bank, half the queries")
+        return None, prep.eval_loader(cfg, val)
+    return prep.eval_loader(cfg, config.TRAIN_SPLIT), prep.eval_loader(cfg, val)
+
+
 def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
     """Everything `fit` needs: (task, train loader, schedule)."""
     prep = engine.prepare(cfg)
     info, precision, loader = prep.info, prep.precision, prep.loader
     eval_loaders = None
     if info.is_main and cfg.eval.knn_every > 0:
-        eval_loaders = tuple(
-            prep.eval_loader(cfg, split) for split in (cfg.data.train_split, cfg.data.val_split)
-        )
+        eval_loaders = _knn_loaders(cfg, prep, say)
     m = cfg.moco
     bn_splits = m.bn_splits if info.world_size == 1 else 1  # shuffle-BN across processes replaces it
     torch.manual_seed(cfg.train.seed)  # identical initial weights and queue on every rank
@@ -172,11 +190,7 @@ def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
         m.margin,
         bn_splits,
         cfg.model.small_stem,
-        m.split_bn,
-    ).to(info.device)
-    adapt_stem(model, cfg.model.stem_channels, cfg.model.stem_impl)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    ).to(info.device, memory_format=torch.channels_last)
     setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
     lr = base_lr(cfg.optim, cfg.train.batch_size)
     optimizer = build_sgd(
@@ -192,20 +206,22 @@ def build(cfg: Any, say: Any = print) -> tuple[MocoTask, Any, Any]:
     return task, loader, engine.schedule_for(cfg, loader, lr)
 
 
-def run(argv: list[str] | None = None) -> engine.FitResult:
-    """Run (or resume) a pretraining; returns fit's result (run_dir, how it stopped, last checkpoint).
+def run(cfg: Any = None, argv: list[str] | None = None) -> engine.FitResult:
+    """Run (or resume) a pretraining from Python; returns its result: `run_dir`, `last_checkpoint`,
+    `metrics` (the last training means and kNN top-1), `stopped` (done, max_steps or a signal's name).
 
-    For callers in the same process (the demo), which must tell a finished run from one stopped by a
-    signal; the command line uses `main`.
+    `cfg`: a `config.PretrainRun` (dataclass or OmegaConf), a mapping of overrides ({"train.epochs": 2}),
+    or a list of command-line arguments; `argv` (e.g. ["--config", "demo_digits_pretrain"]) is applied
+    first, a mapping on top of it. Mistakes raise `config.ConfigError` / `config.UserError`.
     """
-    cfg = config.load(config.PretrainRun, argv)
+    cfg = config.resolve(config.PretrainRun, cfg, argv)
     return engine.launch("pretrain", cfg, build, eval_every=cfg.eval.knn_every, best_key="knn_top1")
 
 
 @config.main_guard
 def main(argv: list[str] | None = None) -> Path:
-    """Run (or resume) a pretraining; returns the run directory."""
-    return run(argv).run_dir
+    """The command line: run (or resume) a pretraining; returns the run directory."""
+    return run(argv=sys.argv[1:] if argv is None else argv).run_dir
 
 
 if __name__ == "__main__":
