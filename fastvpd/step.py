@@ -242,8 +242,9 @@ def moco_step(
     BEFORE the key forward (so the first step's keys come from θ_k = θ_q), the loss is taken against the
     queue as it was before this batch, and this batch's keys are enqueued last (`MoCo.enqueue_`
     all-gathers them over ranks itself). `acc` = fraction of queries whose positive logit is the largest.
-    `key_stream` (`moco.overlap_key`): run the momentum update and key forward there, beside the query
-    forward (`key_beside_query`); the same computation, scheduled concurrently.
+    `key_stream` (pretraining passes one with one CUDA device in one process): run the momentum update
+    and key forward there, beside the query forward (`key_beside_query`); the same computation, scheduled
+    concurrently.
     """
     optimizer.zero_grad(set_to_none=True)
     restore_bn = bn_snapshot(model, skip_nonfinite)
