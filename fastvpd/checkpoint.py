@@ -12,7 +12,13 @@ and configs are therefore stored as tensors / dicts, never as pickled objects.
 Writes are atomic: a temp file in the same directory, fsync, rename, fsync of the directory; on any
 OSError (disk full, read-only) the temp file is removed, the previous checkpoint is untouched and a
 UserError names the fix. Run layout: `<run>/checkpoints/step_XXXXXXXX.pt` (periodic, newest `keep` kept),
-`last.pt` (always the newest, hard-linked when possible), `best.pt`.
+`last.pt` (always the newest, hard-linked when possible), `best.pt`. A temp file left by a process killed
+mid-write is deleted by the next save or load in its folder.
+
+Reading weights out of a checkpoint (`read_state`, `backbone_state`, `load_classifier`) also lives here:
+a pretraining checkpoint (the MoCo *query* encoder), a classifier checkpoint of distillation / linear
+probe, an official MoCo `.pth.tar` or an exported torchvision state dict, with a one-line error when it
+does not fit the configured arch.
 """
 
 from __future__ import annotations
@@ -21,19 +27,37 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from fastvpd.classifier import Classifier
 from fastvpd.config import UserError
+from fastvpd.models import build_backbone
 
 MAGIC = b"FVPDCKPT"
 VERSION = 1
 _HEAD = struct.Struct("<I")
+
+
+def _refusal(e: Exception) -> str:
+    """`torch.load(weights_only=True)`'s refusal in one line of our own: never PyTorch's advice to load with
+    weights_only=False, which would run whatever code the file holds."""
+    msg = str(e)
+    if "weights_only" in msg or "Unsupported global" in msg:
+        glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+        what = f" ({glob.group(1)})" if glob else ""
+        return (
+            f"it holds Python objects besides tensors{what}, which are not loaded because they can run code"
+        )
+    return f"damaged file ({type(e).__name__}: {msg.splitlines()[0][:120] if msg else ''})"
 
 
 class CheckpointError(UserError):
@@ -68,9 +92,50 @@ def _serialize(state: dict[str, Any], meta: dict[str, Any]) -> bytes:
     return MAGIC + _HEAD.pack(len(hb)) + hb + payload
 
 
+_TEMP_TAGS = (".tmp", ".lnk")  # `.NAME.tmpPID` (atomic write), `.NAME.lnkPID` (hard link being swapped in)
+_writing: set[Path] = set()  # temp files this process is writing right now
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def sweep_torn(d: str | Path, name: str = "", warn=None) -> list[Path]:  # type: ignore[no-untyped-def]
+    """Delete temp files in `d` (of checkpoint `name`, or of any) left by a process killed mid-write.
+
+    A temp file is torn when the process named in its suffix is gone, or is this process and it is not
+    writing that file now. Returns the deleted paths; `warn(line)` is told of each.
+    """
+    d = Path(d)
+    if not d.is_dir():
+        return []
+    gone = []
+    for p in d.glob(f".{name or '*'}.*"):
+        for tag in _TEMP_TAGS:
+            head, sep, pid = p.name.rpartition(tag)
+            if not sep or not pid.isdigit() or not head.startswith("."):
+                continue
+            mine = int(pid) == os.getpid()
+            if (mine and p not in _writing) or (not mine and not _pid_alive(int(pid))):
+                p.unlink(missing_ok=True)
+                gone.append(p)
+                if warn is not None:
+                    warn(f"removed {p}: a checkpoint write interrupted before it finished")
+            break
+    return gone
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_torn(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _writing.add(tmp)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -81,6 +146,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _writing.discard(tmp)
+
+
+def _write_failed(what: str, e: OSError, had_previous: bool) -> UserError:
+    tail = (
+        "the previous checkpoint is intact" if had_previous else "no checkpoint was written before this one"
+    )
+    return UserError(
+        f"could not write checkpoint {what} ({e.strerror or e}): free disk space or set train.out_dir "
+        f"to a writable folder; {tail}"
+    )
 
 
 def save(path: str | Path, state: dict[str, Any], **meta: Any) -> Path:
@@ -90,13 +167,11 @@ def save(path: str | Path, state: dict[str, Any], **meta: Any) -> Path:
     """
     path = Path(path)
     data = _serialize(state, meta)
+    had = path.is_file()
     try:
         _atomic_write(path, data)
     except OSError as e:
-        raise UserError(
-            f"could not write checkpoint {path} ({e.strerror or e}): free disk space or set train.out_dir "
-            "to a writable folder; the previous checkpoint is intact"
-        ) from None
+        raise _write_failed(str(path), e, had) from None
     return path
 
 
@@ -146,7 +221,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: payload cannot be loaded safely: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: payload cannot be loaded: {_refusal(e)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: payload is not a dict")
     return state
@@ -178,6 +253,7 @@ def latest_valid(ckpt_dir: str | Path, warn=None) -> tuple[Path, dict[str, Any]]
     Corrupt files are skipped with one warning line each (printed to stderr unless `warn` is given).
     """
     warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
+    sweep_torn(ckpt_dir, warn=warn)
     for _, _, p in candidates(ckpt_dir):
         try:
             return p, load(p)
@@ -190,6 +266,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     """Point `dst` at `src`'s bytes atomically: a hard link when possible, else a full atomic copy."""
     tmp = dst.with_name(f".{dst.name}.lnk{os.getpid()}")
     tmp.unlink(missing_ok=True)
+    _writing.add(tmp)
     try:
         os.link(src, tmp)
         os.replace(tmp, dst)
@@ -197,6 +274,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         _atomic_write(dst, src.read_bytes())
+    finally:
+        _writing.discard(tmp)
 
 
 class CheckpointDir:
@@ -213,19 +292,19 @@ class CheckpointDir:
     def save(self, state: dict[str, Any], global_step: int, epoch: int, periodic: bool, best: bool) -> Path:
         meta = {"global_step": global_step, "epoch": epoch}
         last = self.dir / "last.pt"
+        had = last.is_file()
         try:
             if periodic and self.keep > 0:
-                main = save(self.dir / f"step_{global_step:08d}.pt", state, kind="periodic", **meta)
+                main = self.dir / f"step_{global_step:08d}.pt"
+                _atomic_write(main, _serialize(state, {"kind": "periodic", **meta}))
                 _link_or_copy(main, last)
             else:
-                main = save(last, state, kind="last", **meta)
+                main = last
+                _atomic_write(main, _serialize(state, {"kind": "last", **meta}))
             if best:
                 _link_or_copy(main, self.dir / "best.pt")
         except OSError as e:
-            raise UserError(
-                f"could not write checkpoint in {self.dir} ({e.strerror or e}): free disk space or set "
-                "train.out_dir to a writable folder; the previous checkpoint is intact"
-            ) from None
+            raise _write_failed(f"in {self.dir}", e, had) from None
         self._prune()
         return main
 
@@ -233,3 +312,134 @@ class CheckpointDir:
         periodic = sorted(self.dir.glob("step_*.pt"))
         for p in periodic[: max(0, len(periodic) - self.keep)]:
             p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ weights out of checkpoints
+_DROP = ("module", "_orig_mod")  # wrapper components in keys (DDP, torch.compile)
+_PROBE = "layer1.0.conv1.weight"  # every torchvision ResNet has it: marks where a backbone's keys start
+
+
+def _not_loadable(path: Path, e: Exception) -> str:
+    """Why `torch.load(weights_only=True)` refused `path`, in our words (see `_refusal`)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # a torch.save zip archive / a legacy pickle
+        return _refusal(e)
+    return "not a PyTorch file (text or another format?)"
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A fastvpd checkpoint (verified) or any `torch.load(weights_only=True)`-safe file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: pass a pretraining/distillation checkpoint (.pt)")
+    with open(path, "rb") as f:
+        magic = f.read(len(MAGIC))
+    if magic == MAGIC:
+        return load(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint this code can read: {_not_loadable(path, e)}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    return obj
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Tensor]:
+    """Every tensor in nested dicts, keyed by its dotted path without DDP/compile wrapper components."""
+    out: dict[str, Tensor] = {}
+    if isinstance(obj, Tensor):
+        key = ".".join(p for p in prefix.split(".") if p and p not in _DROP)
+        out[key] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(k, str):
+                out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def _pick_prefix(prefixes: list[str]) -> str | None:
+    """Which backbone to take when a file holds several: MoCo's query encoder, else the student/classifier,
+    else the only one that is not a key encoder / teacher."""
+    for want in ("encoder_q", "classifier", "student"):
+        hits = [p for p in prefixes if want in p.split(".")]
+        if len(hits) == 1:
+            return hits[0]
+    rest = [p for p in prefixes if not {"encoder_k", "teacher", "optimizer"} & set(p.split("."))]
+    return rest[0] if len(rest) == 1 else None
+
+
+def _saved_arch(obj: dict[str, Any]) -> str:
+    m = obj.get("config", {}).get("model", {}) if isinstance(obj.get("config"), dict) else {}
+    if not m:
+        return ""
+    return f" (it was trained with model.arch={m.get('arch')} model.small_stem={m.get('small_stem')})"
+
+
+def backbone_state(
+    obj: dict[str, Any], arch: str, small_stem: bool, source: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """The backbone weights in `obj` with torchvision key names (no fc), checked against `arch`.
+
+    Accepts a pretraining checkpoint (MoCo query backbone; split-BN keys are plain BN keys), a
+    distillation/linear checkpoint (the student), an official MoCo `.pth.tar` (`module.encoder_q.*`) or a
+    torchvision state dict. Raises UserError (one line) when nothing fits `arch`/`small_stem`.
+    """
+    flat = _flatten(obj)
+    prefixes = sorted({k[: -len(_PROBE)] for k in flat if k == _PROBE or k.endswith("." + _PROBE)})
+    prefix = _pick_prefix(prefixes)
+    if prefix is None:
+        what = "no ResNet backbone" if not prefixes else f"several backbones ({', '.join(prefixes)})"
+        raise UserError(f"{source} holds {what}: pass a fastvpd pretraining/distillation checkpoint")
+    state = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
+    ref = build_backbone(arch, small_stem).state_dict()
+    missing = [k for k in ref if k not in state]
+    extra = [k for k in state if k not in ref]
+    bad = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
+    if missing or extra or bad:
+        detail = (
+            f"shape of {bad[0]} is {tuple(state[bad[0]].shape)}, expected {tuple(ref[bad[0]].shape)}"
+            if bad
+            else f"{len(missing)} missing / {len(extra)} unexpected keys, e.g. {(missing or extra)[0]}"
+        )
+        raise UserError(
+            f"{source} does not fit model.arch={arch} model.small_stem={small_stem}{_saved_arch(obj)}: "
+            f"{detail}; set model.arch/model.small_stem to match it"
+        )
+    return {k: state[k].to(ref[k].dtype) for k in ref}
+
+
+def classifier_record(model: Classifier, res: int, classes: Sequence[str]) -> dict[str, Any]:
+    """What `evaluate`/`export` need to rebuild a classifier from a run checkpoint (under task.classifier)."""
+    return {
+        "arch": model.arch,
+        "small_stem": bool(model.small_stem),
+        "num_classes": int(model.num_classes),
+        "res": int(res),
+        "classes": list(classes),
+        "state_dict": model.state_dict(),
+    }
+
+
+def classifier_entry(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The `task.classifier` record of a distillation / linear-probe checkpoint, else None."""
+    rec = obj.get("task", {}).get("classifier") if isinstance(obj.get("task"), dict) else None
+    return rec if isinstance(rec, dict) and "state_dict" in rec else None
+
+
+def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the classifier of a distillation / linear-probe checkpoint -> (model in eval mode, record)."""
+    rec = classifier_entry(read_state(path))
+    if rec is None:
+        raise UserError(
+            f"{path} is not a classifier checkpoint (no task.classifier): pass a checkpoint of "
+            "`python -m fastvpd.distill` or `python -m fastvpd.linear`"
+        )
+    model = Classifier(rec["arch"], int(rec["num_classes"]), bool(rec["small_stem"]))
+    try:
+        model.load_state_dict(rec["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: classifier weights do not load ({str(e).splitlines()[0]})") from None
+    return model.eval(), rec

@@ -30,19 +30,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastvpd import config, dist, engine
-from fastvpd.classifier import (
-    DISTILL_METRICS,
-    Classifier,
-    DistillNet,
-    backbone_state,
-    build_teacher,
-    classifier_record,
-    distill_step,
-    evaluate_top,
-    read_state,
-)
+from fastvpd.checkpoint import backbone_state, classifier_entry, classifier_record, read_state
+from fastvpd.classifier import Classifier
 from fastvpd.config import UserError
 from fastvpd.data import render_then, views_in_step
+from fastvpd.evaluate import evaluate_top
+from fastvpd.ofd import DISTILL_METRICS, DistillNet, build_teacher, distill_step
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends
 
@@ -171,8 +164,8 @@ def build_net(cfg: Any, num_classes: int, say: Any = print) -> DistillNet:
             why = "model.init=moco" if m.init == "moco" else f"distill.kind={d.kind}"
             raise UserError(f"{why} needs distill.teacher=PATH (a pretraining checkpoint)")
         obj = read_state(d.teacher)
-        rec = obj.get("task", {}).get("classifier") if isinstance(obj.get("task"), dict) else None
-        if isinstance(rec, dict) and int(rec.get("num_classes", num_classes)) != num_classes:
+        rec = classifier_entry(obj)
+        if rec is not None and int(rec.get("num_classes", num_classes)) != num_classes:
             raise UserError(
                 f"distill.teacher={d.teacher} is a classifier for {rec['num_classes']} classes, the data has "
                 f"{num_classes}: pass a checkpoint trained on this dataset"

@@ -5,39 +5,167 @@ short side resized to res/0.875, centre crop; `--ten-crop` averages the softmax 
 the centre of the image and of its mirror. Several checkpoints form an ensemble: the mean of their
 (test-time augmented) softmax outputs. Writes OUT/results.json (top-1/top-5 in %, per member and for the
 ensemble), OUT/predictions.csv and OUT/probs.npy (the ensemble's probabilities, sample order).
-Runs on the CPU as well (train.device logic: GPU when there is one).
+Runs on the CPU as well (train.device logic: GPU when there is one). From Python: `run(...)`.
+
+Also the evaluation helpers the trainers use: top-k counts without host syncs (`topk_correct`,
+`evaluate_top`), softmax averaged over views (`predict`) and over checkpoints (`ensemble`), the CSV.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import json
-from pathlib import Path
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
 
 from fastvpd import dist
-from fastvpd.classifier import (
-    ensemble,
-    image_ids,
-    load_classifier,
-    predict,
-    topk_correct,
-    write_predictions_csv,
-)
+from fastvpd.checkpoint import load_classifier
 from fastvpd.config import DataConfig, UserError, main_guard
 from fastvpd.data import build_loader, eval_spec
 from fastvpd.data.manifest import Manifest
 from fastvpd.step import Precision
 
+__all__ = [
+    "run",
+    "main",
+    "evaluate",
+    "topk_correct",
+    "predict",
+    "evaluate_top",
+    "ensemble",
+    "image_ids",
+    "write_predictions_csv",
+]
+
 CSV_HELP = (
     "predictions.csv: a header line `image_id,class_index`, then one line per image of the split in sample "
     "order; image_id is the stem of the image's source file name (e.g. n01440764_10026 for "
-    "train/n01440764/n01440764_10026.JPEG), class_index the predicted class's index into the sorted class "
-    "folder names (manifest.json `classes`)."
+    "train/n01440764/n01440764_10026.JPEG), or, when stems repeat within the split, the file's path "
+    "relative to the split folder (cat/001.jpg); class_index the predicted class's index into the sorted "
+    "class folder names (manifest.json `classes`)."
 )
+
+
+def _autocast(precision: Precision | None) -> contextlib.AbstractContextManager:
+    return precision.autocast() if precision is not None else contextlib.nullcontext()
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> Tensor:
+    """Number of samples whose label is among the top-k scores, per k (float64 [len(ks)], on device)."""
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices  # top: NxK
+    hit = top == labels.view(-1, 1)
+    return torch.stack([hit[:, : min(k, k_max)].any(dim=1).sum() for k in ks]).to(torch.float64)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: Any, precision: Precision | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax probabilities for every sample of `loader` -> (probs N×C fp32, labels, indices) on device.
+
+    Several views per batch (ten-crop) are averaged in probability space, as test-time augmentation
+    usually is. Samples come back in the loader's order (sort by `indices` to get sample order).
+    """
+    was = model.training
+    model.eval()
+    probs, labels, indices = [], [], []
+    loader.set_epoch(0)
+    try:
+        for b in loader:
+            p = None
+            for v in b.views:
+                with _autocast(precision):
+                    out = model(v)
+                s = F.softmax(out.float(), dim=1)
+                p = s if p is None else p + s
+            probs.append(p / len(b.views))  # type: ignore[operator]
+            labels.append(b.labels)
+            indices.append(b.indices)
+    finally:
+        model.train(was)
+    if not probs:
+        raise UserError("the evaluation split is empty")
+    return torch.cat(probs), torch.cat(labels), torch.cat(indices)
+
+
+@torch.no_grad()
+def evaluate_top(model: nn.Module, loader: Any, precision: Precision | None = None) -> dict[str, float]:
+    """Top-1/top-5 (percent) and mean CE over `loader`; one host sync; summed over ranks when sharded."""
+    was = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=loader.device)  # [n, top1, top5, ce]
+    loader.set_epoch(0)
+    try:
+        for b in loader:
+            with _autocast(precision):
+                logits = model(b.views[0]).float()
+            n = torch.tensor([float(b.labels.shape[0])], dtype=torch.float64, device=sums.device)
+            ce = F.cross_entropy(logits, b.labels, reduction="sum").to(torch.float64).view(1)
+            sums += torch.cat([n, topk_correct(logits, b.labels), ce])
+    finally:
+        model.train(was)
+    if dist.world_size() > 1 and loader.world_size > 1:
+        torch.distributed.all_reduce(sums)
+    n, c1, c5, ce = sums.tolist()
+    n = max(n, 1.0)
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": ce / n}
+
+
+def ensemble(probs: Iterable[Tensor]) -> Tensor:
+    """Mean of several models' probability matrices (each N×C, same sample order)."""
+    ps = list(probs)
+    if not ps:
+        raise ValueError("ensemble of nothing")
+    if any(p.shape != ps[0].shape for p in ps):
+        raise UserError(f"ensemble members disagree in shape: {[tuple(p.shape) for p in ps]}")
+    return torch.stack([p.float() for p in ps]).mean(0)
+
+
+def image_ids(manifest: Any, split: str) -> list[str]:
+    """Per sample of `split` (sample order), its predictions.csv image_id, unique within the split.
+
+    The stem of the source file (the challenge's image_id) when no two files share one; otherwise the
+    path relative to the split folder (`cat/001.jpg`), since users' class folders often repeat names.
+    """
+    rels = [PurePosixPath(s["path"]) for s in manifest.sources(split)]
+    stems = [r.stem for r in rels]
+    if len(set(stems)) == len(stems):
+        return stems
+    tops = {r.parts[0] for r in rels if len(r.parts) > 1}
+    drop = 1 if len(tops) == 1 and all(len(r.parts) > 1 for r in rels) else 0
+    ids = ["/".join(r.parts[drop:]) for r in rels]
+    dup = [i for i, n in Counter(ids).items() if n > 1]
+    if dup:  # the manifest lists one file twice: not something the converter writes
+        raise UserError(f"{split} lists {dup[0]} {Counter(ids)[dup[0]]} times: re-convert the dataset")
+    return ids
+
+
+def write_predictions_csv(path: str | Path, ids: Sequence[str], classes: Sequence[int] | Tensor) -> Path:
+    """`image_id,class_index` header, then one line per sample (atomically written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cls = classes.tolist() if isinstance(classes, Tensor) else list(classes)
+    if len(cls) != len(ids):
+        raise ValueError(f"{len(ids)} image ids but {len(cls)} predictions")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["image_id", "class_index"])
+        w.writerows(zip(ids, (int(c) for c in cls)))
+    tmp.replace(path)
+    return path
 
 
 def _default_out(ckpt: Path, split: str) -> Path:
@@ -53,7 +181,7 @@ def _scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate(
-    ckpts: list[str | Path],
+    checkpoints: str | Path | Sequence[str | Path],
     data: str | Path,
     split: str = "test",
     ten_crop: bool = False,
@@ -67,10 +195,15 @@ def evaluate(
     say: Any = print,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint or an ensemble; returns (and writes) the results dict."""
+    ckpts = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not ckpts:
         raise UserError("give at least one checkpoint")
     if batch_size <= 0:
         raise UserError(f"--batch-size must be > 0 (got {batch_size})")
+    if res is not None and res <= 0:
+        raise UserError(f"--res must be > 0 (got {res})")
+    if amp not in ("bf16", "fp16", "none"):
+        raise UserError(f"--amp must be bf16, fp16 or none (got {amp!r})")
     dev = dist.pick_device(device)
     precision = Precision(amp, dev)
     manifest = Manifest.load(data)
@@ -112,6 +245,8 @@ def evaluate(
     out_dir = Path(out) if out else _default_out(Path(ckpts[0]), split)
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = image_ids(manifest, split)
+    if ids != [PurePosixPath(src["path"]).stem for src in manifest.sources(split)]:
+        say(f"{split}: file names repeat across folders, so predictions.csv ids are paths within the split")
     if len(ids) != results["num_samples"]:
         raise UserError(
             f"{data}: manifest lists {len(ids)} {split} images, the loader gave {results['num_samples']}"
@@ -127,9 +262,7 @@ def evaluate(
     return results
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse the command line, evaluate, return the results dict (top1, top5, members, out_dir, ...)."""
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m fastvpd.evaluate",
         description=__doc__.split("\n\n")[0] + " " + CSV_HELP,
@@ -145,15 +278,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--amp", default="bf16", help="GPU autocast: bf16 | fp16 | none")
     ap.add_argument("--verify", default="fast", help="manifest check: fast | full | off")
-    a = ap.parse_args(argv)
-    if a.res is not None and a.res <= 0:
-        raise UserError(f"--res must be > 0 (got {a.res})")
-    if a.amp not in ("bf16", "fp16", "none"):
-        raise UserError(f"--amp must be bf16, fp16 or none (got {a.amp!r})")
-    return evaluate(
-        a.checkpoints, a.data, a.split, a.ten_crop, a.res, a.batch_size, a.backend, a.device, a.amp, a.verify,
-        a.out,
-    )  # fmt: skip
+    return ap
+
+
+def run(
+    options: Mapping[str, Any] | Sequence[str] | None = None,
+    argv: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate from Python; returns the results dict (top1, top5, num_samples, members, out_dir, ...).
+
+    `options`: a mapping of `evaluate`'s keyword arguments ({"checkpoints": [CKPT], "data": ROOT,
+    "split": "val", "ten_crop": True}; keyword arguments work too) or a list of command-line arguments;
+    `argv` (["CKPT", "--data", ROOT]) is parsed first, a mapping on top of it. Mistakes raise
+    `fastvpd.config.UserError` (the command line prints them in one line).
+    """
+    if isinstance(options, (str, bytes)) or (options is not None and not isinstance(options, Mapping)):
+        if argv is not None:
+            raise TypeError("run() takes one list of command-line arguments")
+        argv, options = [str(a) for a in options], None  # type: ignore[union-attr]
+    params: dict[str, Any] = vars(_parser().parse_args(list(argv))) if argv is not None else {}
+    params.update(options or {})
+    params.update(kwargs)
+    known = evaluate.__code__.co_varnames[: evaluate.__code__.co_argcount]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise UserError(f"evaluate has no option {unknown[0]!r}: one of {', '.join(known)}")
+    if "checkpoints" not in params or "data" not in params:
+        raise UserError("evaluate needs checkpoints=[PATH, ...] and data=ROOT")
+    return evaluate(**params)
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the command line, evaluate, return the results dict (top1, top5, members, out_dir, ...)."""
+    return run(argv=sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

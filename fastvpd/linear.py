@@ -22,8 +22,10 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastvpd import config, dist, engine
-from fastvpd.classifier import Classifier, backbone_state, classifier_record, evaluate_top, read_state
+from fastvpd.checkpoint import backbone_state, classifier_record, read_state
+from fastvpd.classifier import Classifier
 from fastvpd.config import UserError
+from fastvpd.evaluate import evaluate_top
 from fastvpd.models import route, routed
 from fastvpd.optim import base_lr, build_sgd
 from fastvpd.step import DeviceMeters, GraphedStep, Precision, pin_lr, setup_backends

@@ -21,11 +21,12 @@ import torch
 import torch.multiprocessing as mp
 
 from fastvpd import dist
-from fastvpd.classifier import Classifier, DistillNet, build_teacher, distill_step
+from fastvpd.classifier import Classifier
 from fastvpd.config import OptimConfig
 from fastvpd.distill import _route_through_ddp
 from fastvpd.linear import LINEAR_METRICS, FrozenClassifier, _route_fc_through_ddp, linear_step
 from fastvpd.models import build_backbone
+from fastvpd.ofd import DistillNet, build_teacher, distill_step
 from fastvpd.optim import build_sgd
 from fastvpd.step import DeviceMeters, Precision, pin_lr
 

@@ -9,21 +9,13 @@ import pytest
 import torch
 
 from fastvpd import checkpoint, config
-from fastvpd.classifier import (
-    DISTILL_METRICS,
-    Classifier,
-    DistillNet,
-    L2Distiller,
-    backbone_state,
-    build_teacher,
-    distill_step,
-    read_state,
-)
+from fastvpd.checkpoint import backbone_state, read_state
+from fastvpd.classifier import Classifier
 from fastvpd.config import UserError
 from fastvpd.distill import build_net, distill_active
 from fastvpd.moco import MoCo
 from fastvpd.models import backbone_state_for_torchvision
-from fastvpd.ofd import OFDDistiller
+from fastvpd.ofd import DISTILL_METRICS, DistillNet, L2Distiller, OFDDistiller, build_teacher, distill_step
 from fastvpd.step import DeviceMeters, Precision
 
 ARCH = "resnet18"

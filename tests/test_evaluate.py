@@ -13,10 +13,12 @@ import torch
 import torch.nn as nn
 
 from fastvpd import checkpoint
-from fastvpd.classifier import Classifier, classifier_record, ensemble, predict, topk_correct
+from fastvpd.checkpoint import classifier_record
+from fastvpd.classifier import Classifier
 from fastvpd.config import DataConfig
 from fastvpd.data import Batch, build_loader, eval_spec
 from fastvpd.data.manifest import Manifest
+from fastvpd.evaluate import ensemble, predict, topk_correct
 from fastvpd.evaluate import main as evaluate_main
 
 
@@ -129,3 +131,55 @@ def test_evaluate_errors_are_one_line(digits_converted: Path, tmp_path: Path, ca
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error:") and "\n" not in err and msg in err, err
     assert man.num_classes == 10
+
+
+@pytest.fixture(scope="module")
+def repeated_names(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two classes whose files are named alike (c0/0.png, c1/0.png, ...), as users' folders often are."""
+    from PIL import Image
+
+    from data_tools.convert import convert
+
+    src = tmp_path_factory.mktemp("dup_src")
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(2):
+            (src / split / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                    src / split / f"c{c}" / f"{i}.png"
+                )
+    out = tmp_path_factory.mktemp("dup_conv")
+    convert(src, out, formats=("cache",), workers=1, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_predictions_csv_ids_are_unique_when_file_names_repeat_across_folders(
+    repeated_names: Path, tmp_path: Path, ten_crop: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = _classifier_ckpt(tmp_path / "m.pt", 0, ["c0", "c1"], res=8)
+    evaluate_main([str(ck), "--data", str(repeated_names), "--out", str(tmp_path / "ev"), "--device", "cpu"]
+                  + (["--ten-crop"] if ten_crop else []))  # fmt: skip
+    assert "paths within the split" in capsys.readouterr().out
+    with open(tmp_path / "ev" / "predictions.csv", newline="") as f:
+        ids = [r[0] for r in list(csv.reader(f))[1:]]
+    assert sorted(ids) == [f"c{c}/{i}.png" for c in range(2) for i in range(3)]  # unique, one per image
+
+
+def test_run_takes_a_mapping_keywords_or_argv(repeated_names: Path, tmp_path: Path) -> None:
+    from fastvpd.config import UserError
+    from fastvpd.evaluate import run
+
+    ck = _classifier_ckpt(tmp_path / "m.pt", 1, ["c0", "c1"], res=8)
+    quiet = {"device": "cpu", "say": lambda *_: None}
+    a = run({"checkpoints": [ck], "data": repeated_names, "out": tmp_path / "a", **quiet})
+    b = run(checkpoints=str(ck), data=str(repeated_names), out=tmp_path / "b", **quiet)
+    c = run([str(ck), "--data", str(repeated_names), "--out", str(tmp_path / "c"), "--device", "cpu"])
+    d = run({"out": tmp_path / "d", "say": lambda *_: None}, argv=[str(ck), "--data", str(repeated_names)])
+    assert a["num_samples"] == 6 and a["top1"] == b["top1"] == c["top1"] == d["top1"]
+    assert Path(d["out_dir"]) == tmp_path / "d"  # the mapping goes on top of argv
+    with pytest.raises(UserError, match="no option 'tencrop'"):
+        run(checkpoints=[ck], data=repeated_names, tencrop=True)
+    with pytest.raises(UserError, match="needs checkpoints"):
+        run(data=repeated_names)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastvpd import checkpoint
-from fastvpd.classifier import load_classifier
+from fastvpd.checkpoint import load_classifier
 from fastvpd.linear import LINEAR_METRICS, FrozenClassifier, linear_step
 from fastvpd.moco import MoCo
 from fastvpd.models import backbone_state_for_torchvision

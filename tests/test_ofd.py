@@ -1,16 +1,27 @@
-"""OFD connectors and distiller."""
+"""OFD connectors and distiller; the distillation net's CE-only epochs."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from fastvpd.losses import ofd_margin, ofd_partial_l2
+from fastvpd.classifier import Classifier
+from fastvpd.losses import ofd_margin, ofd_partial_l2, smoothed_ce
 from fastvpd.models import FeatureTaps, build_backbone, stage_bn, stage_channels
-from fastvpd.ofd import Connector, OFDDistiller, pooled_l2
+from fastvpd.ofd import (
+    DISTILL_METRICS,
+    Connector,
+    DistillNet,
+    OFDDistiller,
+    build_teacher,
+    distill_step,
+    pooled_l2,
+)
+from fastvpd.step import DeviceMeters, Precision
 
 
 def test_connector_init_matches_ofd() -> None:
@@ -86,3 +97,41 @@ def test_pooled_l2() -> None:
     assert loss.item() == pytest.approx((1 + 4 + 1 + 1) / 2)
     loss.backward()
     assert torch.allclose(s.grad, (s - t).detach())
+
+
+def _bn_stats(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.named_buffers() if k.endswith(("running_mean", "running_var"))}
+
+
+@pytest.mark.parametrize("teacher_bn", ["train", "eval"])
+def test_ce_only_steps_run_teacher_and_connectors_forward_but_train_on_the_ce_alone(teacher_bn: str) -> None:
+    """Before distill.start_epoch the authors' Distiller still runs teacher and connectors forward in train
+    mode (their BN statistics move; the checkpoints carry them); the loss and the gradients are the CE's."""
+    torch.manual_seed(0)
+    student = Classifier("resnet18", 3, small_stem=True)
+    teacher = build_teacher(_teacher().state_dict(), "resnet18", True)
+    net = DistillNet(student, teacher, "ofd", teacher_bn=teacher_bn)
+    plain = copy.deepcopy(student)  # the reference: the student alone, trained on the CE
+    t_before, c_before = _bn_stats(net.teacher), _bn_stats(net.distiller)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+
+    opt = torch.optim.SGD(net.trainable(), lr=0.0)
+    meters = DeviceMeters(DISTILL_METRICS, torch.device("cpu"))
+    m = distill_step(net, opt, Precision("none", torch.device("cpu")), meters, x, y, distill_on=False)
+    ce = smoothed_ce(plain(x), y, 0.1)
+    ce.backward()
+
+    assert m["loss"] == m["ce"] and m["distill"] == 0.0
+    assert m["ce"] == pytest.approx(ce.item(), abs=1e-6)
+    for (name, p), q in zip(net.student.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert all(p.grad is None for p in net.distiller.parameters())  # no gradient, so no weight decay
+    for name, v in _bn_stats(net.student).items():  # the student's own statistics: as the plain forward's
+        assert torch.equal(v, _bn_stats(plain)[name]), name
+    c_moved = [k for k, v in _bn_stats(net.distiller).items() if not torch.equal(v, c_before[k])]
+    t_moved = [k for k, v in _bn_stats(net.teacher).items() if not torch.equal(v, t_before[k])]
+    assert len(c_moved) == 2 * len(net.distiller.connectors)  # every connector BN's mean and var
+    if teacher_bn == "train":
+        assert len(t_moved) == len(t_before)
+    else:
+        assert t_moved == []
