@@ -108,9 +108,9 @@ def test_distill_compiled_student_trains_like_eager(
 
 @pytest.mark.parametrize("impl", ["s2d", "im2col"])
 def test_rewritten_stems_compile_with_inductor(impl: str) -> None:
-    """model.stem_impl's forms through Inductor itself (one small stem, seconds on CPU): the GPU ladder
-    compiles them inside the whole step, so their view/unfold/copy chains must lower, and give the
-    convolution's output and weight gradient."""
+    """adapt_stem's forms through Inductor itself (one small stem, seconds on CPU): the benchmark's stem
+    experiments (benchmarks/experiments/stems.py) compile them inside the whole step on a GPU, so their
+    view/unfold/copy chains must lower, and give the convolution's output and weight gradient."""
     from fastvpd.models import adapt_stem, build_backbone
 
     torch._dynamo.reset()
