@@ -321,3 +321,49 @@ def test_device_finishing_ops_equal_the_cpu_kernel(
         for va, vb in zip(a.views, b.views):
             assert vb.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(vb, va, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def extreme_converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smallest and most elongated images the converter keeps (smallest side MIN_SIDE, aspect
+    MAX_ASPECT:1 both ways), two classes, converted into every format."""
+    from PIL import Image
+
+    from data_tools.convert import convert
+    from fastvpd.convert import MAX_ASPECT, MIN_SIDE
+
+    src = tmp_path_factory.mktemp("extreme_src")
+    long = MIN_SIDE * MAX_ASPECT
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (src / split / cls).mkdir(parents=True)
+            for i, (h, w) in enumerate([(MIN_SIDE, MIN_SIDE), (MIN_SIDE, long), (long, MIN_SIDE)]):
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(src / split / cls / f"{i}.jpg", quality=95)
+    out = tmp_path_factory.mktemp("extreme_conv")
+    summary = convert(src, out, formats=("ffcv", "dali", "cache"), workers=1, progress=False)
+    assert Manifest.load(out).count("train") == 6, summary  # the converter kept every one of them
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_loader_survives_the_smallest_and_most_elongated_images(
+    extreme_converted: Path, backend: str
+) -> None:
+    """Train (MoCo v2's random crops, flips, jitter, blur) and eval (resize + centre crop) views of 8x8,
+    8x256 and 256x8 images: finite, normalised views of the right shape from every backend."""
+    if backend in ("ffcv", "dali"):
+        pytest.importorskip("ffcv" if backend == "ffcv" else "nvidia.dali")
+    cfg = DataConfig(root=str(extreme_converted), backend=backend, workers=1)
+    for res in (16, 64):
+        for split, spec, train in (("train", moco_v2(res), True), ("val", eval_spec(res), False)):
+            loader = build_loader(cfg, spec, split, 3, "cpu", torch.float32, seed=1, train=train)
+            batches = list(loader)
+            assert len(batches) == 2, (split, res)
+            for b in batches:
+                assert len(b.views) == spec.num_outputs
+                for v in b.views:
+                    assert v.shape == (b.labels.shape[0], 3, res, res) and torch.isfinite(v).all()
+                    assert v.abs().max() < 3.0  # normalised [0, 1] pixels
+            getattr(loader, "close", lambda: None)()
