@@ -1,6 +1,6 @@
 """The images the loader and end-to-end sections read: DIR/src converted into DIR/converted.
 
-DIR/src is a synthetic ImageNet-like set the benchmark makes (data_tools/make_synthetic.py) unless the
+DIR/src is a synthetic ImageNet-like set the benchmark makes (fastvpd.datasets.synthetic) unless the
 folder is already there. The benchmark deletes only what it made: it writes CREATED_MARKER into DIR/src
 before the first image and marks it complete after the last, so an unfinished set of its own is made
 again, and a folder without its marker (the user's own images) is read as it is and never removed."""
@@ -40,7 +40,7 @@ def make_source(src: Path, opts: Options) -> None:
         return
     if record is not None and record.get("complete"):
         return
-    synth = require("data_tools.make_synthetic", "data_tools.make_synthetic")
+    synth = require("fastvpd.datasets.synthetic", "fastvpd.datasets.synthetic")
     if record is not None:  # an interrupted set of its own
         log(f"{src}: an unfinished synthetic set of the benchmark's own; making it again")
         shutil.rmtree(src)
@@ -63,7 +63,7 @@ def prepare_data(opts: Options, formats: list[str]) -> Path:
     """DIR/src converted into `formats` (those whose package is present; files only when none) in
     DIR/converted, cached on disk: conversion skips formats that are up to date. Returns the converted
     root (holding manifest.json)."""
-    conv = require("data_tools.convert", "data_tools.convert")
+    conv = require("fastvpd.convert", "fastvpd.convert")
     base = Path(opts.data_dir)
     src, out = base / "src", base / "converted"
     make_source(src, opts)

@@ -120,7 +120,7 @@ def test_load_batches_keeps_jpegs_only(tmp_path: Path, jpegs: list[bytes]) -> No
 
 def test_section_decode_on_a_converted_tree(tmp_path: Path, jpegs: list[bytes]) -> None:
     """The loaders section's entry point: finds the source JPEGs through the manifest, reports the table."""
-    from data_tools.convert import convert
+    from fastvpd.convert import convert
 
     for i, d in enumerate(jpegs):
         cls = tmp_path / "src" / "train" / f"c{i % 2}"
