@@ -4,12 +4,23 @@ One module-level `DistInfo` so that the helpers below (`gather`, `all_reduce_mea
 arguments and are identities on a single process: trainers call them unconditionally.
 NCCL on GPU, gloo on CPU. `torchrun --nproc_per_node=G -m fastvpd.pretrain ...` sets RANK/WORLD_SIZE/
 LOCAL_RANK/MASTER_ADDR/MASTER_PORT, which `init` reads.
+
+Restarts (`torchrun --max-restarts=N`): torchrun's agent keeps one TCPStore for the whole job and hands it
+to every generation of workers, without a per-restart prefix. A process group formed directly on it reads
+the previous generation's keys (gloo: the dead rank 0's address, "connectFullMesh failed ... Connection
+refused"; NCCL: its old unique id), depending on which rank reaches the store first.
+`TORCHELASTIC_RESTART_COUNT` does not tell generations apart either: agents count restarts each for
+themselves (a node restarted by a membership change keeps its count). So `init` agrees on a fresh
+namespace first (`_fresh_namespace`) and forms the group under it.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -48,6 +59,61 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+# Bound on forming the group (every rank started and joined) and on one collective: a lost peer ends the
+# run (torchrun restarts it) instead of leaving the others waiting for ever. torch's own default for gloo.
+JOIN_TIMEOUT = timedelta(minutes=10)
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+_POLL_S = 0.05
+
+
+def _fresh_namespace(store: Any, rank: int, world: int, timeout: timedelta) -> str:
+    """A store prefix that this generation of ranks agreed on and no earlier generation wrote under.
+
+    Keys left by an earlier generation may still be in `store`, so nothing read from it can be trusted as
+    current unless it answers something written now: each rank > 0 writes a random nonce; rank 0 draws a
+    random token and echoes every nonce it reads with the token; a rank takes the token from the echo of
+    its own nonce (only the live rank 0 can have written that) and confirms under the token (a fresh
+    namespace, so the confirmation is current too). Rank 0 returns once every rank confirmed. The old
+    generation is dead before torchrun starts the new one, so only one rank 0 is echoing.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def late(what: str) -> None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: {what} within {timeout} (a process of the group did not start)")
+        time.sleep(_POLL_S)
+
+    if rank == 0:
+        token = uuid.uuid4().hex
+        pending = set(range(1, world))
+        echoed: dict[int, bytes] = {}
+        while pending:
+            for r in sorted(pending):
+                key = f"fastvpd/join/nonce/{r}"
+                if store.check([key]):
+                    nonce = store.get(key)
+                    if echoed.get(r) != nonce:
+                        store.set(f"fastvpd/join/ack/{r}", nonce + b" " + token.encode())
+                        echoed[r] = nonce
+                if store.check([f"fastvpd/{token}/ready/{r}"]):
+                    pending.discard(r)
+            if pending:
+                late(f"ranks {sorted(pending)} did not join")
+        return f"fastvpd/{token}/"
+    nonce = uuid.uuid4().hex.encode()
+    store.set(f"fastvpd/join/nonce/{rank}", nonce)
+    ack_key = f"fastvpd/join/ack/{rank}"
+    while True:
+        if store.check([ack_key]):
+            got, _, token = store.get(ack_key).partition(b" ")
+            if got == nonce:
+                break
+        late("rank 0 did not answer")
+    prefix = f"fastvpd/{token.decode()}/"
+    store.set(f"{prefix}ready/{rank}", b"1")
+    return prefix
+
+
 def init(device: str = "auto") -> DistInfo:
     """Join the torchrun process group when WORLD_SIZE > 1 (idempotent); else single-process."""
     global _INFO
@@ -60,7 +126,16 @@ def init(device: str = "auto") -> DistInfo:
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
-        tdist.init_process_group(backend=backend, rank=rank, world_size=world, **kw)
+        store, rank, world = next(tdist.rendezvous("env://", rank, world, timeout=JOIN_TIMEOUT))
+        prefix = _fresh_namespace(store, rank, world, JOIN_TIMEOUT)
+        tdist.init_process_group(
+            backend=backend,
+            store=tdist.PrefixStore(prefix, store),
+            rank=rank,
+            world_size=world,
+            timeout=COLLECTIVE_TIMEOUT,
+            **kw,
+        )
     if tdist.is_initialized():
         rank, world = tdist.get_rank(), tdist.get_world_size()
     _INFO = DistInfo(rank, world, local, dev)
