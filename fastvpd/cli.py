@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fastvpd.config import MOVED, RECIPES, ConfigError, choices_of, keys, recipe_path, validate
+from fastvpd.config import MOVED, RECIPES, RUNS, ConfigError, choices_of, keys, recipe_path, validate
 
 USAGE = (
     "usage: python -m fastvpd.{cmd} [--config FILE.yaml | RECIPE] [section.key=value ...] [--print-config]"
@@ -269,9 +269,13 @@ def _shown(v: Any) -> str:
 
 
 def recipes_for(schema: type) -> list[str]:
-    """The shipped recipes whose keys all belong to this run type."""
+    """The shipped recipes for this run type: their keys all belong to it, and a name that names a run type
+    (demo_digits_linear) names this one."""
     out = []
     for path in sorted(RECIPES.glob("*.yaml")):
+        named = [run.COMMAND for run in RUNS if run.COMMAND in path.stem]  # type: ignore[attr-defined]
+        if named and schema.COMMAND not in named:  # type: ignore[attr-defined]
+            continue
         try:
             flat = _flatten(OmegaConf.to_container(OmegaConf.load(path)))
             _check_keys(schema, flat, "")

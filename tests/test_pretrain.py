@@ -164,6 +164,7 @@ def test_views_rendered_in_the_step_train_bit_identically(
         f"distill.teacher={in_step / 'checkpoints' / 'last.pt'}",
     ]  # fmt: skip
     db = distill.main([*common, f"train.out_dir={tmp_path / 'd_step'}"])
+    capsys.readouterr()
     for module in (pretrain, distill):  # the loader renders the views instead (the benchmarks' hook)
         monkeypatch.setattr(module, "views_in_step", lambda *a: False)
     loader_side = _run(digits_converted, tmp_path / "loader", *steps)
