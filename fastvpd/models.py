@@ -368,8 +368,8 @@ class StemConv(nn.Conv2d):
     """The stem convolution, computed another way (`channels`, `impl`).
 
     Why: given a 3-channel channels-last bf16 image, cuDNN pads it to 8 channels itself (its
-    `nhwcAddPaddingKernel`) and on an H100 ran ResNet-50's 7x7/2 stem with an Ampere-era kernel at 1.5 ms a
-    forward, 4.7 % of the compiled MoCo step (run 4's profile). Each form below is the same convolution
+    `nhwcAddPaddingKernel`) and may pick a slow kernel for the 7x7/2 stem (benchmarks/RESULTS.md has the
+    profile; benchmarks/experiments/stems.py times the forms). Each form below is the same convolution
     (the extra zeros add nothing to any output), with the weight rearranged in the forward, so the
     parameters, the state dict and every result stay those of the 3-channel convolution:
     - `channels` > 3: the image and the weight zero-padded to that many input channels;
