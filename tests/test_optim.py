@@ -1,15 +1,21 @@
-"""SGD construction and learning-rate schedules."""
+"""SGD construction and learning-rate schedules (step schedules against the authors' and MoCo's rules)."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+from fastvpd import checkpoint, config
 from fastvpd.config import ConfigError, OptimConfig
-from fastvpd.optim import base_lr, build_sgd, lr_at, param_groups, set_lr_
+from fastvpd.optim import base_lr, build_sgd, lr_at, param_groups
+from fastvpd.step import pin_lr
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_param_groups_decay_everything_trainable() -> None:
@@ -29,9 +35,15 @@ def test_sgd_two_steps_match_the_update_rule(nesterov: bool, tensor_lr: bool) ->
     lr = torch.tensor(0.1) if tensor_lr else 0.1
     opt = build_sgd(param_groups(nn.ParameterList([p]), cfg.weight_decay), cfg, lr)
     assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]  # CPU path
+    lr_t = torch.tensor(0.1)
+    if tensor_lr:  # the trainers' way: one pinned tensor, filled before each step
+        pin_lr(opt, lr_t)
     w, buf = p.detach().clone(), None
     for step, lr_now in enumerate([0.1, 0.05]):
-        set_lr_(opt, lr_now)
+        if tensor_lr:
+            lr_t.fill_(lr_now)
+        else:
+            opt.param_groups[0]["lr"] = lr_now
         g = torch.randn(5)
         p.grad = g.clone()
         opt.step()
@@ -77,18 +89,85 @@ def test_cosine_schedule_endpoints_and_shape() -> None:
         assert values[e * spe] == pytest.approx(lr0 * 0.5 * (1 + math.cos(math.pi * e / epochs)))
 
 
-def test_step_schedule_every_30_epochs_and_milestones() -> None:
+def _authors_lr(lr: float, epoch: int, every: int = 30) -> float:
+    """sup_train_distill/train_selfsup.py: `for epoch in range(1, args.epochs + 1)` and
+    `lr = args.lr * (0.1 ** (epoch // 30))` (their epochs count from 1)."""
+    return lr * (0.1 ** (epoch // every))
+
+
+def _lincls_lr(lr: float, epoch: int, schedule: list[int]) -> float:
+    """MoCo's main_lincls.py: `for epoch in range(args.start_epoch, args.epochs)` (from 0) and
+    `for milestone in args.schedule: lr *= 0.1 if epoch >= milestone else 1.`"""
+    for milestone in schedule:
+        lr *= 0.1 if epoch >= milestone else 1.0
+    return lr
+
+
+def test_step_every_follows_the_authors_one_based_epochs_epoch_by_epoch() -> None:
     cfg = OptimConfig(schedule="step", step_every=30, step_gamma=0.1)
-    spe = 5
-    at = {e: lr_at(e * spe, spe, cfg, 0.1, 100) for e in (0, 29, 30, 59, 60, 90, 99)}
-    assert at[0] == at[29] == pytest.approx(0.1)
-    assert at[30] == at[59] == pytest.approx(0.01)
-    assert at[60] == pytest.approx(0.001) and at[90] == at[99] == pytest.approx(1e-4)
-    assert lr_at(30 * spe - 1, spe, cfg, 0.1, 100) == pytest.approx(0.1)  # drops at the epoch boundary
-    ms = OptimConfig(schedule="step", milestones=[60, 80], step_gamma=0.1)
-    assert [lr_at(e * spe, spe, ms, 30.0, 100) for e in (59, 60, 79, 80)] == pytest.approx(
-        [30.0, 3.0, 3.0, 0.3]
-    )
+    spe = 3
+    ours = [lr_at(e * spe + i, spe, cfg, 0.1, 100) for e in range(100) for i in range(spe)]
+    theirs = [_authors_lr(0.1, e1) for e1 in range(1, 101) for _ in range(spe)]
+    assert ours == pytest.approx(theirs, rel=1e-12)
+    per_epoch = ours[::spe]
+    runs = [sum(1 for v in per_epoch if v == pytest.approx(0.1 * 0.1**j)) for j in range(4)]
+    assert runs == [29, 30, 30, 11]  # drops at 0-based epochs 29, 59, 89
+    assert lr_at(29 * spe - 1, spe, cfg, 0.1, 100) == pytest.approx(0.1)  # the drop is at the epoch boundary
+    assert lr_at(29 * spe, spe, cfg, 0.1, 100) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "every"), [("vipriors_distill_r50.yaml", 30), ("demo_digits_distill.yaml", 4)]
+)
+def test_distill_recipes_follow_the_authors_rule(recipe: str, every: int) -> None:
+    """The recipe's own schedule (and the demo's scaled one) against the authors' formula, epoch by epoch."""
+    cfg = config.load(config.DistillRun, ["--config", str(CONFIGS / recipe)])
+    assert cfg.optim.schedule == "step" and cfg.optim.step_every == every and not cfg.optim.milestones
+    lr0, spe = base_lr(cfg.optim, cfg.train.batch_size), 2
+    for e in range(cfg.train.epochs):
+        want = lr0 * cfg.optim.step_gamma ** ((e + 1) // every)
+        assert want == pytest.approx(_authors_lr(lr0, e + 1, every))
+        assert lr_at(e * spe + 1, spe, cfg.optim, lr0, cfg.train.epochs) == pytest.approx(want), e
+
+
+def test_linear_milestones_follow_moco_lincls_zero_based_epochs() -> None:
+    cfg = config.load(config.LinearRun, [])
+    assert list(cfg.optim.milestones) == [60, 80] and cfg.train.epochs == 100
+    ours = [lr_at(e * 4, 4, cfg.optim, 30.0, 100) for e in range(100)]
+    assert ours == pytest.approx([_lincls_lr(30.0, e, [60, 80]) for e in range(100)], rel=1e-12)
+    demo = config.load(config.LinearRun, ["--config", str(CONFIGS / "demo_digits_linear.yaml")])
+    n = demo.train.epochs
+    got = [lr_at(e, 1, demo.optim, 1.0, n) for e in range(n)]
+    assert got == pytest.approx([_lincls_lr(1.0, e, list(demo.optim.milestones)) for e in range(n)])
+
+
+@pytest.mark.slow
+def test_a_real_distill_run_logs_and_applies_the_authors_rate(digits_converted: Path, tmp_path: Path) -> None:
+    """A tiny real run (2 steps per epoch, x0.1 every 2 epochs): the rate in metrics.jsonl for every step,
+    and the rate the optimizer held at each epoch's end (saved in each epoch's checkpoint), against the
+    authors' formula applied to the logged 1-based epoch."""
+    from fastvpd import distill
+
+    out = tmp_path / "run"
+    distill.main(
+        ["--config", str(CONFIGS / "demo_digits_distill.yaml"), f"data.root={digits_converted}",
+         f"train.out_dir={out}", "model.init=random", "distill.kind=none", "aug.res=16", "train.epochs=5",
+         "train.batch_size=250", "optim.step_every=2", "log.every=1", "eval.every=0", "ckpt.every=1",
+         "ckpt.keep=10", "log.progress=false", "log.tensorboard=false", "train.device=cpu"]
+    )  # fmt: skip
+    lr0 = 0.1 * 250 / 256
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in rows if "lr" in r]
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    assert [r["epoch"] for r in steps] == [e for e in range(1, 6) for _ in range(2)]
+    assert [r["lr"] for r in steps] == pytest.approx([_authors_lr(lr0, r["epoch"], 2) for r in steps])
+    held = {}
+    for ck in (out / "checkpoints").glob("*.pt"):
+        state = checkpoint.load(ck)
+        held[state["progress"]["epoch"]] = float(state["task"]["optimizer"]["param_groups"][0]["lr"])
+    assert sorted(held) == [1, 2, 3, 4, 5]  # every epoch's periodic checkpoint (keep=10), last.pt among them
+    for done, lr in held.items():  # `done` epochs finished = the authors' epoch number of the last step
+        assert lr == pytest.approx(_authors_lr(lr0, done, 2), rel=1e-6), done
 
 
 def test_warmup_then_cosine_and_warmup_with_step() -> None:
@@ -128,11 +207,11 @@ def test_fused_sgd_with_tensor_lr_in_a_cuda_graph() -> None:
     with torch.cuda.graph(g):
         opt.step()
     before = p.detach().clone()
-    set_lr_(opt, 0.0)
+    lr.fill_(0.0)
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(p.detach(), before)  # the replay read the new (zero) lr from the tensor
-    set_lr_(opt, 0.1)
+    lr.fill_(0.1)
     g.replay()
     torch.cuda.synchronize()
     assert not torch.equal(p.detach(), before)
