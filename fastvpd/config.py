@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 
 RECIPES = Path(__file__).resolve().parent / "configs"  # the recipes shipped with the package
-TRAIN_SPLIT = "train"  # the converted dataset's training split (data_tools/convert.py names it)
+TRAIN_SPLIT = "train"  # the converted dataset's training split (the converter names it)
 
 
 class ConfigError(ValueError):
@@ -69,7 +69,7 @@ def _key(default: Any, doc: str) -> Any:
 class DataConfig:
     """data: the converted dataset and the loader that reads it"""
 
-    root: str = _key("data/digits_converted", "output folder of data_tools/convert.py (holds manifest.json)")
+    root: str = _key("data/digits_converted", "output folder of the converter, python -m fastvpd.convert (holds manifest.json)")
     backend: Backend = _key(
         Backend.cache, "loader: cache (uint8 images on the device or pinned host), ffcv, dali, torchvision"
     )

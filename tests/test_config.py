@@ -166,7 +166,7 @@ def test_cli_config_and_data_mistakes_exit_2_one_line(digits_converted: Path, tm
     results = _run_all(cases)
     _one_line(*results[0], "'train.batchsize'", "did you mean 'train.batch_size'")
     _one_line(*results[1], "train.batch_size=lots", "whole number")
-    _one_line(*results[2], "no manifest.json", "convert.py")
+    _one_line(*results[2], "no manifest.json", "fastvpd.convert")
     _one_line(*results[3], "larger than the 500 training samples", "lower train.batch_size")
     _one_line(*results[4], "moco.queue_size=8", "raise moco.queue_size")
     _one_line(*results[5], "distill.teacher_bn", "train, eval")

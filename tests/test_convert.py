@@ -385,7 +385,7 @@ def test_interrupted_write_leaves_nothing_a_reader_accepts(
         mp.setattr(wds, "wds_job", _failing_after(2, wds.wds_job))  # dali is written first
         with pytest.raises(RuntimeError, match="simulated"):
             convert(src, out, **kw)
-    with pytest.raises(UserError, match="convert.py"):
+    with pytest.raises(UserError, match="fastvpd.convert"):
         Manifest.load(out)  # first run: no manifest at all
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.tar")) and not list(out.rglob("*.idx"))
 
@@ -467,7 +467,7 @@ def test_verify_catches_truncated_and_modified_outputs(tmp_path: Path) -> None:
 
 
 def test_manifest_load_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="run `python data_tools/convert.py SRC"):
+    with pytest.raises(UserError, match="run `python -m fastvpd.convert SRC"):
         Manifest.load(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="unreadable"):

@@ -38,7 +38,7 @@ UPLOAD_CHUNK_ROWS = 1 << 24  # 48 MiB of pixels per host->device chunk while loa
 
 def load_cache(cache_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(memory-mapped pixels [P, 3] uint8, meta arrays); UserError naming the fix when unreadable."""
-    fix = "re-run `python data_tools/convert.py SRC OUT --formats cache --force`"
+    fix = "re-run `python -m fastvpd.convert SRC OUT --formats cache --force`"
     try:
         pixels = np.load(cache_dir / "pixels.npy", mmap_mode="r")
         with np.load(cache_dir / "meta.npz") as z:
@@ -105,7 +105,7 @@ class CacheLoader(LoaderBase):
         if n != manifest.count(split):
             raise UserError(
                 f"cache of split {split!r} has {n} images, the manifest says {manifest.count(split)}: "
-                "re-run `python data_tools/convert.py SRC OUT --formats cache --force`"
+                "re-run `python -m fastvpd.convert SRC OUT --formats cache --force`"
             )
         super().__init__(
             spec, n, manifest.num_classes, batch_size, device, dtype, seed, rank, world_size, train

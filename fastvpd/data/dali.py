@@ -116,7 +116,7 @@ class DALILoader(LoaderBase):
         for p in [*self.tars, *self.idxs]:
             if not p.is_file():
                 raise UserError(
-                    f"{p} is missing: re-run `python data_tools/convert.py SRC OUT --formats dali --force`"
+                    f"{p} is missing: re-run `python -m fastvpd.convert SRC OUT --formats dali --force`"
                 )
         if not train:  # DALI's contiguous eval shard of this rank
             self._per_rank = (rank + 1) * n // world_size - rank * n // world_size

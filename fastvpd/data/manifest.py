@@ -1,4 +1,4 @@
-"""Reader for OUT/manifest.json, the record `data_tools/convert.py` writes last.
+"""Reader for OUT/manifest.json, the record the converter (`python -m fastvpd.convert`) writes last.
 
 Loaders check the converted files against it before training (sizes + hashes of the first MiB, or
 whole-file hashes), so a stale, truncated or half-written output is a one-line UserError naming the fix
@@ -76,7 +76,7 @@ class Manifest:
         """Read ROOT/manifest.json; UserError (naming the fix) when it is missing or invalid."""
         root = Path(root)
         path = root / MANIFEST_NAME
-        fix = f"run `python data_tools/convert.py SRC {root}` first"
+        fix = f"run `python -m fastvpd.convert SRC {root}` first"
         if not path.is_file():
             raise UserError(f"no {MANIFEST_NAME} in {root}: {fix}")
         try:
@@ -156,7 +156,7 @@ class Manifest:
         if fmt not in outs:
             raise UserError(
                 f"{self.root} has no {fmt} output for split {split!r}: run "
-                f"`python data_tools/convert.py SRC {self.root} --formats {fmt}`"
+                f"`python -m fastvpd.convert SRC {self.root} --formats {fmt}`"
             )
         return outs[fmt]
 
@@ -194,6 +194,6 @@ class Manifest:
                 why = check_file(self.root, rec, mode)
                 if why:
                     raise UserError(
-                        f"{why}: re-run `python data_tools/convert.py SRC {self.root} "
+                        f"{why}: re-run `python -m fastvpd.convert SRC {self.root} "
                         f"--formats {fmt} --force`"
                     )
