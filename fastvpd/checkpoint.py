@@ -221,7 +221,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: payload cannot be loaded: {_refusal(e)}") from None
+        raise CheckpointError(f"{path}: payload cannot be loaded safely: {_refusal(e)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: payload is not a dict")
     return state

@@ -42,20 +42,31 @@ from fastvpd.log import RunLogger
 from fastvpd.optim import lr_at
 from fastvpd.step import DeviceMeters, Precision, rng_state, set_rng_state, setup_backends
 
-# config keys that may change between a run and its resumption without a warning
-_VOLATILE = (
-    "train.resume",
+# Config keys that may differ between a checkpoint and the run resuming it: how long to train, where files
+# are (a moved dataset or teacher file), how the step executes, logging/checkpoint/evaluation cadence, and
+# the two recovery levers a non-finite loss error names (optim.lr, train.amp). Any other difference
+# refuses the resume (a prefix ending in "." covers a section).
+RESUME_SAFE = (
+    "train.epochs",
     "train.max_steps",
+    "train.resume",
     "train.out_dir",
     "train.device",
     "train.cuda_graph",
     "train.compile",
+    "train.deterministic",
+    "train.on_nonfinite",
+    "train.amp",
+    "optim.lr",
+    "data.root",
+    "data.workers",
+    "data.verify",
+    "data.val_split",
+    "distill.teacher",
+    "linear.backbone",
     "log.",
     "ckpt.",
     "eval.",
-    "data.workers",
-    "data.verify",
-    "data.root",
 )
 
 
@@ -124,16 +135,45 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+def _resume_safe(key: str) -> bool:
+    return any(key == v or (v.endswith(".") and key.startswith(v)) for v in RESUME_SAFE)
+
+
+def config_diff(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for each key both configs hold with different values.
+
+    A key only one side holds (a config key added or removed between versions) is not compared.
+    """
     out = []
-    for k in sorted(set(saved) | set(now)):
+    for k in sorted(set(saved) & set(now)):
         key = f"{prefix}{k}"
-        a, b = saved.get(k), now.get(k)
+        a, b = saved[k], now[k]
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, key + ".")
-        elif a != b and not any(key == v or (v.endswith(".") and key.startswith(v)) for v in _VOLATILE):
-            out.append(f"{key}: {a!r} -> {b!r}")
+            out += config_diff(a, b, key + ".")
+        elif a != b:
+            out.append((key, a, b))
     return out
+
+
+def check_resume_config(cfg: Any, state: dict, path: Path, mode: str) -> list[str]:
+    """Refuse (UserError, one line) to resume `state` when the config differs from the one it was written
+    with in a key outside RESUME_SAFE; returns "key: old -> new" for the allowed differences."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return []
+    diff = config_diff(saved, config.to_dict(cfg))
+    bad = [f"{k} ({a!r} -> {b!r})" for k, a, b in diff if not _resume_safe(k)]
+    if bad:
+        way = (
+            "to start a new run with this config choose another train.out_dir"
+            if mode == "auto"
+            else "pass a checkpoint written with this config, or start a new run with train.resume=never"
+        )
+        raise UserError(
+            f"cannot resume from {path}: it was written with another config: {', '.join(bad)}; {way} "
+            f"(keys that may change on resume: {', '.join(RESUME_SAFE)})"
+        )
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in diff]
 
 
 def _find_resume(cfg: Any, ckpt_dir: Path, say: Callable[[str], None]) -> tuple[Path, dict] | None:
@@ -146,7 +186,10 @@ def _find_resume(cfg: Any, ckpt_dir: Path, say: Callable[[str], None]) -> tuple[
             )
         return None
     if mode == "auto":
-        return checkpoint.latest_valid(ckpt_dir, warn=say)
+        found = checkpoint.latest_valid(ckpt_dir, warn=say)
+        if found is None and (checkpoint.candidates(ckpt_dir) or (ckpt_dir.parent / "config.yaml").is_file()):
+            say(f"train.resume=auto: no valid checkpoint in {ckpt_dir}, so this run starts from step 0")
+        return found
     path = Path(mode)
     if not path.is_file():
         raise UserError(f"train.resume={mode}: no such checkpoint file (use auto, never or a .pt path)")
@@ -179,11 +222,27 @@ def fit(
     last_train: dict[str, float] = {}
 
     found = _find_resume(cfg, ckpts.dir, say) if info.is_main else None
+    refusal = None
+    if found is not None:
+        try:
+            changed = check_resume_config(cfg, found[1], found[0], cfg.train.resume)
+        except UserError as e:
+            refusal = str(e)
+    refusal = dist.broadcast_object(refusal)  # every rank stops on rank 0's word, none hangs
+    if refusal:
+        raise UserError(refusal)
     resume_path = dist.broadcast_object(str(found[0]) if found else None)
     last_ckpt = Path(resume_path) if resume_path else None
     if resume_path:
         state = found[1] if found else checkpoint.load(resume_path)
-        task.load_state_dict(state["task"])
+        try:
+            task.load_state_dict(state["task"])
+        except (KeyError, RuntimeError, ValueError) as e:  # not caught by the config check: another program
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(
+                f"cannot resume from {resume_path}: its state does not fit this run ({why[:200]}); choose "
+                "another train.out_dir or train.resume=never"
+            ) from None
         p = state["progress"]
         epoch, in_epoch, g, best = p["epoch"], p["step_in_epoch"], p["global_step"], p["best"]
         if p.get("steps_per_epoch", spe) != spe:
@@ -200,8 +259,8 @@ def fit(
             say(
                 f"warning: checkpoint has {len(ranks)} ranks, this run {info.world_size}: RNG states reseeded"
             )
-        for line in _config_diff(state.get("config", {}), config.to_dict(cfg)):
-            say(f"warning: config differs from the checkpoint's: {line}")
+        for line in changed if found else []:
+            say(f"config differs from the checkpoint's (allowed on resume): {line}")
         say(f"resumed from {resume_path} at epoch {epoch + 1}, step {g}")
     if info.is_main:
         config.save(cfg, run_dir / "config.yaml")
