@@ -6,6 +6,7 @@ self-distillation → the two baselines from the same code (supervised from scra
 
 `--seeds 0,1,2` repeats the whole thing per seed and reports mean ± std; `--readme README.md` writes that
 table between the `<!-- demo-results -->` markers, so the README's numbers always come from a run.
+`--ablation negatives` runs the queue-size × margin ablation instead (`fastvpd.ablation`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from fastvpd.config import UserError, main_guard
+from fastvpd.config import RECIPES, UserError, main_guard
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = RECIPES
 MARK_BEGIN, MARK_END = "<!-- demo-results:begin -->", "<!-- demo-results:end -->"
 
 
@@ -197,27 +198,45 @@ def update_readme(readme: Path, table: str, chart_rel: str | None) -> None:
     readme.write_text(f"{a}{MARK_BEGIN}\n{block}\n{MARK_END}{b}")
 
 
+def make_data(out: Path, formats: tuple[str, ...] = ("ffcv", "dali", "cache")) -> Path:
+    """The embedded digits as an ImageFolder tree under OUT/digits, converted into OUT/converted."""
+    from fastvpd.convert import convert
+    from fastvpd.datasets.digits import make_digits
+
+    src, conv = out / "digits", out / "converted"
+    if not (src / "train").is_dir():
+        make_digits(src, seed=0)
+    convert(src, conv, formats=formats, workers=None, progress=True)
+    return conv
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> Path:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--ablation" in argv or any(a.startswith("--ablation=") for a in argv):
+        return _ablation(argv)
     ap = argparse.ArgumentParser(prog="python -m fastvpd.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     ap.add_argument("--readme", default=None, help="write the results table into this README's demo block")
     ap.add_argument(
+        "--ablation", choices=["negatives"], default=None, help="run an ablation instead (see below)"
+    )
+    ap.add_argument(
         "overrides", nargs="*", help="extra key=value overrides for every run (e.g. train.device=cpu)"
     )
+    ap.epilog = (
+        "--ablation negatives: queue size x margin sweep; `--ablation negatives --help` for its options"
+    )
     args = ap.parse_args(argv)
-    from data_tools.convert import convert
-    from data_tools.make_digits import make_digits
 
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    src, conv = out / "data" / "digits", out / "data" / "converted"
     t0 = time.perf_counter()
     _banner("0/4 embedded data: scikit-learn digits → ImageFolder → ffcv, dali, cache")
-    if not (src / "train").is_dir():
-        make_digits(src, seed=0)
-    convert(src, conv, formats=("ffcv", "dali", "cache"), workers=None, progress=True)
+    conv = make_data(out / "data")
 
     rows: dict[str, list[MethodResult]] = {}
     pre_dirs = []
@@ -260,6 +279,26 @@ def _cpu_desc() -> str:
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores, no GPU"
     )
     return f"{dev}, torch {torch.__version__}"
+
+
+def _ablation(argv: list[str]) -> Path:
+    """`--ablation NAME [its options]`: hand the rest of the command line to that ablation."""
+    rest, name, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--ablation":
+            name, i = (argv[i + 1] if i + 1 < len(argv) else None), i + 2
+            continue
+        if a.startswith("--ablation="):
+            name = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    if name != "negatives":
+        raise UserError(f"--ablation takes: negatives (got {name!r})")
+    from fastvpd import ablation
+
+    return ablation.main(rest)
 
 
 if __name__ == "__main__":
