@@ -166,9 +166,23 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _two_nodes(out: Path, logs: list[Path]) -> list[subprocess.Popen]:
+    """Two launchers, one process each, c10d rendezvous on a free 127.0.0.1 port: test_dist's steps."""
+    port = _free_port()
+    launch = [
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id=fastvpd-test-{port}",
+    ]
+    return [_torchrun(launch, ["step", str(out)], log) for log in logs]
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int, str]]:
-    """The three pretraining runs, side by side: name -> (run dir, torchrun exit code, its output)."""
+def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every launch of this file, side by side (their waits overlap): name -> (run dir or output file,
+    torchrun exit code, its output)."""
     base = tmp_path_factory.mktemp("torchrun")
     specs = {
         "reference": "none",
@@ -178,9 +192,12 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     procs = {}
     for name, spec in specs.items():
         args = [f"data.root={tiny_data}", f"train.out_dir={base / name}", *COMMON]
-        procs[name] = (_standalone(spec, args, base / f"{name}.log"), base / f"{name}.log")
+        procs[name] = (base / name, _standalone(spec, args, base / f"{name}.log"), base / f"{name}.log")
+    logs = [base / f"node{i}.log" for i in range(2)]
+    for i, p in enumerate(_two_nodes(base / "ddp.pt", logs)):
+        procs[f"node{i}"] = (base / "ddp.pt", p, logs[i])
     deadline = time.monotonic() + TIMEOUT_S
-    return {name: (base / name, *_wait(p, log, deadline)) for name, (p, log) in procs.items()}
+    return {name: (where, *_wait(p, log, deadline)) for name, (where, p, log) in procs.items()}
 
 
 def _diff(a: Any, b: Any, where: str = "") -> list[str]:
@@ -249,25 +266,13 @@ def test_cpu_run_says_nothing_of_gpus_or_cuda_graphs(runs: dict) -> None:
     assert not lines, lines
 
 
-def test_two_nodes_on_localhost_step_equals_single_process(tmp_path: Path) -> None:
-    """Two launchers, one process each, c10d rendezvous on 127.0.0.1: the steps equal one process's."""
+def test_two_nodes_on_localhost_step_equals_single_process(runs: dict) -> None:
+    """Two launchers (`--nnodes=2 --rdzv-backend=c10d`) on 127.0.0.1: the steps equal one process's."""
     sys.path.insert(0, str(Path(__file__).parent))
     from test_dist import assert_equals_single_process
 
-    port = _free_port()
-    launch = [
-        "--nnodes=2",
-        "--nproc_per_node=1",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        f"--rdzv-id=fastvpd-test-{port}",
-    ]
-    out = tmp_path / "ddp.pt"
-    logs = [tmp_path / f"node{i}.log" for i in range(2)]
-    procs = [_torchrun(launch, ["step", str(out)], log) for log in logs]
-    deadline = time.monotonic() + TIMEOUT_S
-    for p, log in zip(procs, logs):
-        rc, text = _wait(p, log, deadline)
+    for node in ("node0", "node1"):
+        out, rc, text = runs[node]
         assert rc == 0, text[-3000:]
     assert_equals_single_process(torch.load(out, weights_only=True))
 
