@@ -206,7 +206,7 @@ def _route_through_ddp(net: DistillNet, device: torch.device) -> None:
 
 def build(cfg: Any, say: Any = print) -> tuple[DistillTask, Any, Any]:
     """Everything `fit` needs: (task, train loader, schedule)."""
-    prep = engine.prepare(cfg)
+    prep = engine.prepare(cfg, labels=True)
     info, precision, loader = prep.info, prep.precision, prep.loader
     val_loader = prep.eval_loader(cfg, cfg.data.val_split) if info.is_main and cfg.eval.every > 0 else None
     from fastvpd.data.manifest import Manifest

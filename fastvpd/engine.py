@@ -38,6 +38,7 @@ import torch
 from fastvpd import checkpoint, config, dist
 from fastvpd.config import UserError
 from fastvpd.data import build_loader, from_config
+from fastvpd.data.manifest import Manifest
 from fastvpd.log import RunLogger
 from fastvpd.optim import lr_at
 from fastvpd.step import DeviceMeters, Precision, rng_state, set_rng_state, setup_backends
@@ -439,9 +440,15 @@ class Prepared:
         )
 
 
-def prepare(cfg: Any) -> Prepared:
+def prepare(cfg: Any, labels: bool = False) -> Prepared:
     """The prologue shared by pretrain/distill/linear: seeds and kernels, the per-rank batch, precision,
-    and the training loader (its augmentation recipe from `cfg.aug`)."""
+    and the training loader (its augmentation recipe from `cfg.aug`). `labels`: the run trains on the
+    training split's labels, so a split converted without class folders is refused in one line."""
+    if labels and not Manifest.load(cfg.data.root).labelled(config.TRAIN_SPLIT):
+        raise UserError(
+            f"{cfg.data.root}: its {config.TRAIN_SPLIT} split was converted without labels (no class folders); "
+            "distillation and the linear probe train on labels: convert a tree of class folders"
+        )
     info = dist.info()
     setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)
     if cfg.train.batch_size % info.world_size:

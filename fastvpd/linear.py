@@ -161,7 +161,7 @@ def build(cfg: Any, say: Any = print) -> tuple[LinearTask, Any, Any]:
     path = cfg.linear.backbone
     if not path:
         raise UserError("set linear.backbone=PATH: the pretraining checkpoint whose backbone is probed")
-    prep = engine.prepare(cfg)
+    prep = engine.prepare(cfg, labels=True)
     info, precision, loader = prep.info, prep.precision, prep.loader
     val_loader = prep.eval_loader(cfg, cfg.data.val_split) if info.is_main and cfg.eval.every > 0 else None
     from fastvpd.data.manifest import Manifest

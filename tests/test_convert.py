@@ -556,6 +556,15 @@ def test_flat_folder_is_an_unlabelled_split_that_pretrains(
     assert len(losses) == 2 and all(np.isfinite(losses))  # 20 images, batch 8: two steps
     assert not any("knn_top1" in r for r in rows)
 
+    # Distillation and the linear probe train on labels: one line, before any model is built.
+    from fastvpd import distill, linear
+
+    for mod, key in ((distill, "distill.teacher"), (linear, "linear.backbone")):
+        with pytest.raises(SystemExit) as e:
+            mod.main([f"data.root={out}", f"train.out_dir={tmp_path / mod.__name__}", f"{key}=x.pt"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "converted without labels" in err[0], err
+
 
 def test_nested_unlabelled_train_with_labelled_val_monitors_knn(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
