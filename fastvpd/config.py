@@ -69,7 +69,7 @@ def _key(default: Any, doc: str) -> Any:
 class DataConfig:
     """data: the converted dataset and the loader that reads it"""
 
-    root: str = _key("data/digits_converted", "output folder of the converter, python -m fastvpd.convert (holds manifest.json)")
+    root: str = _key("data/digits_converted", "the converter's output folder (holds manifest.json)")
     backend: Backend = _key(
         Backend.cache, "loader: cache (uint8 images on the device or pinned host), ffcv, dali, torchvision"
     )

@@ -446,8 +446,8 @@ def prepare(cfg: Any, labels: bool = False) -> Prepared:
     training split's labels, so a split converted without class folders is refused in one line."""
     if labels and not Manifest.load(cfg.data.root).labelled(config.TRAIN_SPLIT):
         raise UserError(
-            f"{cfg.data.root}: its {config.TRAIN_SPLIT} split was converted without labels (no class folders); "
-            "distillation and the linear probe train on labels: convert a tree of class folders"
+            f"{cfg.data.root}: its {config.TRAIN_SPLIT} split was converted without labels (no class "
+            "folders); distillation and the linear probe train on labels: convert a tree of class folders"
         )
     info = dist.info()
     setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)

@@ -1,7 +1,7 @@
 """Optional dependencies, probed once at import: which extra brings each, and one clear message when absent.
 
-    nb = probe("numba")                        # the module, or None when the extra is not installed
-    plt = require("matplotlib.pyplot", "demo", "the demo's chart")   # the module, or UserError naming the extra
+    nb = probe("numba")  # the module, or None when the extra is not installed
+    plt = require("matplotlib.pyplot", "demo", "the demo's chart")  # the module, or UserError naming it
 
 Core dependencies (torch, torchvision, numpy, pillow, pyyaml, omegaconf, tqdm, tensorboard) are
 imported directly; everything here is in an extra of pyproject.toml.
