@@ -45,4 +45,3 @@ def require(name: str, extra: str | None = None, purpose: str = "") -> ModuleTyp
     extra = extra or EXTRA_OF.get(name) or EXTRA_OF.get(top, "")
     what = f" for {purpose}" if purpose else ""
     raise UserError(f"{name} is needed{what}: install it with pip install 'fastvpd[{extra}]'")
-

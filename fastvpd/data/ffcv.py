@@ -296,8 +296,7 @@ class FFCVLoader(LoaderBase):
             )
         except (OSError, ValueError) as e:
             raise UserError(
-                f"cannot open {path} ({e}): "
-                "re-run `python -m fastvpd.convert SRC OUT --formats ffcv --force`"
+                f"cannot open {path} ({e}): re-run `python -m fastvpd.convert SRC OUT --formats ffcv --force`"
             ) from None
         # FFCV yields outputs in pipeline order: the beton's fields first, then the extra views
         self._names = list(self.loader.pipeline_specs)

@@ -194,6 +194,5 @@ class Manifest:
                 why = check_file(self.root, rec, mode)
                 if why:
                     raise UserError(
-                        f"{why}: re-run `python -m fastvpd.convert SRC {self.root} "
-                        f"--formats {fmt} --force`"
+                        f"{why}: re-run `python -m fastvpd.convert SRC {self.root} --formats {fmt} --force`"
                     )
