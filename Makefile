@@ -39,7 +39,7 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n :
 XDIST := -n $(TEST_WORKERS) --dist worksteal
 
 test: setup
-	$(VPY) -m pytest -q -m "not cuda" $(XDIST) tests
+	$(VPY) -m pytest -q -m "not cuda" $(XDIST) --durations=15 tests
 
 # The CPU suite under another torch (default: the GPU machine's 2.11 / torchvision 0.26, with the Triton 3.6
 # that torch pins, so the kernels' sm_90 compile test runs that Triton's compiler). An overlay venv holds only
