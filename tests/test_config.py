@@ -178,7 +178,7 @@ def test_cli_catches_stale_partial_or_foreign_data(
     """A truncated cache, an altered header, an altered tail (full mode) and a .beton of another dataset."""
     from PIL import Image
 
-    from data_tools.convert import convert
+    from fastvpd.convert import convert
 
     roots = {}
     for name in ("trunc", "header", "tail", "beton"):

@@ -138,7 +138,7 @@ def repeated_names(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two classes whose files are named alike (c0/0.png, c1/0.png, ...), as users' folders often are."""
     from PIL import Image
 
-    from data_tools.convert import convert
+    from fastvpd.convert import convert
 
     src = tmp_path_factory.mktemp("dup_src")
     rng = np.random.default_rng(0)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from fastvpd import checkpoint, distill, evaluate
 from fastvpd.checkpoint import classifier_record, load_classifier
@@ -24,6 +23,7 @@ from fastvpd.moco import MoCo
 timm = pytest.importorskip("timm")
 pytest.importorskip("safetensors")
 from safetensors.torch import load_file  # noqa: E402
+from tiny_data import converted_tree  # noqa: E402
 
 RES = 16
 CPU = torch.device("cpu")
@@ -32,20 +32,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes x (8 train, 4 val) 20-px images, converted to the cache."""
-    from data_tools.convert import convert
-
-    src = tmp_path_factory.mktemp("exp_src")
-    rng = np.random.default_rng(0)
-    for split, per in (("train", 8), ("val", 4)):
-        for c in range(3):
-            d = src / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(per):
-                arr = rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.png")
-    out = tmp_path_factory.mktemp("exp_conv")
-    convert(src, out, formats=("cache",), workers=1, progress=False)
-    return out
+    return converted_tree(tmp_path_factory, "exp", {"train": 8, "val": 4}, classes=3, size=20)
 
 
 @pytest.fixture(scope="module")

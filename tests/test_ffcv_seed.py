@@ -99,7 +99,7 @@ def test_importing_ffcv_through_the_backend_keeps_torch_threads() -> None:
 def test_converting_to_ffcv_keeps_torch_threads(digits_src: Path, tmp_path: Path) -> None:
     """The demo converts, then trains in the same process: the converter must leave the thread count."""
     call = f"convert({str(digits_src)!r}, {str(tmp_path)!r}, ['ffcv'], progress=False)"
-    assert _threads_after(f"from data_tools.convert import convert; {call}") == "3"
+    assert _threads_after(f"from fastvpd.convert import convert; {call}") == "3"
 
 
 def _two_views(root: Path, decode: str, full_crop: bool, hflip_p: float, seed: int = 3) -> list:

@@ -329,8 +329,7 @@ def extreme_converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     MAX_ASPECT:1 both ways), two classes, converted into every format."""
     from PIL import Image
 
-    from data_tools.convert import convert
-    from fastvpd.convert import MAX_ASPECT, MIN_SIDE
+    from fastvpd.convert import MAX_ASPECT, MIN_SIDE, convert
 
     src = tmp_path_factory.mktemp("extreme_src")
     long = MIN_SIDE * MAX_ASPECT

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny_data import converted_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"samples_per_s", "data_wait"}
@@ -111,21 +111,7 @@ def _finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str, f
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """48 train / 18 val 12-px images in 3 classes, converted to the cache: 3 steps per epoch at batch 16."""
-    from data_tools.convert import convert
-
-    src = tmp_path_factory.mktemp("rel_src")
-    rng = np.random.default_rng(0)
-    for split, per in (("train", 16), ("val", 6)):
-        for c in range(3):
-            d = src / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(per):
-                arr = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
-                arr[..., c] = np.clip(arr[..., c].astype(int) + 120, 0, 255)
-                Image.fromarray(arr.astype(np.uint8)).save(d / f"{i}.png")
-    out = tmp_path_factory.mktemp("rel_conv")
-    convert(src, out, formats=("cache",), workers=1, progress=False)
-    return out
+    return converted_tree(tmp_path_factory, "rel", {"train": 16, "val": 6}, classes=3, size=12, tint=True)
 
 
 COMMON = [

@@ -7,9 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from tiny_data import converted_tree
 
 from fastvpd import checkpoint, distill, pretrain
 from fastvpd.engine import RESUME_SAFE
@@ -34,19 +33,7 @@ SCRATCH = ["model.init=random", "distill.kind=none", "eval.every=0"]  # no teach
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """2 classes x 12 train / 3 val 10-px images, converted to the cache."""
-    from data_tools.convert import convert
-
-    src = tmp_path_factory.mktemp("guard_src")
-    rng = np.random.default_rng(0)
-    for split, per in (("train", 12), ("val", 3)):
-        for c in range(2):
-            d = src / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(per):
-                Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    out = tmp_path_factory.mktemp("guard_conv")
-    convert(src, out, formats=("cache",), workers=1, progress=False)
-    return out
+    return converted_tree(tmp_path_factory, "guard", {"train": 12, "val": 3}, classes=2, size=10)
 
 
 @pytest.fixture(scope="module")

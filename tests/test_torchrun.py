@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_data import converted_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -146,24 +147,7 @@ COMMON = [
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """48 train / 6 val 12-px images in 3 classes, converted to the cache."""
-    import numpy as np
-    from PIL import Image
-
-    from fastvpd.convert import convert
-
-    src = tmp_path_factory.mktemp("tr_src")
-    rng = np.random.default_rng(0)
-    for split, per in (("train", 16), ("val", 2)):
-        for c in range(3):
-            d = src / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(per):
-                arr = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
-                arr[..., c] = 255 - arr[..., c] // 2
-                Image.fromarray(arr).save(d / f"{i}.png")
-    out = tmp_path_factory.mktemp("tr_conv")
-    convert(src, out, formats=("cache",), workers=1, progress=False)
-    return out
+    return converted_tree(tmp_path_factory, "tr", {"train": 16, "val": 2}, classes=3, size=12, tint=True)
 
 
 def _two_nodes(out: Path, logs: list[Path]) -> list[subprocess.Popen]:
