@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastvpd.config import RECIPES, UserError, main_guard
+from fastvpd.extras import require
 
 CONFIGS = RECIPES
 MARK_BEGIN, MARK_END = "<!-- demo-results:begin -->", "<!-- demo-results:end -->"
@@ -154,10 +155,8 @@ def _table(rows: dict[str, list[MethodResult]], machine: str) -> str:
 
 def _chart(rows: dict[str, list[MethodResult]], pretrain_dirs: list[Path], path: Path) -> None:
     """Bar chart of top-1 per method plus the pretraining loss and kNN curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "demo", "the demo's chart").use("Agg")
+    plt = require("matplotlib.pyplot", "demo", "the demo's chart")
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     names = list(rows)
@@ -215,6 +214,9 @@ def main(argv: list[str] | None = None) -> Path:
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not {"-h", "--help"} & set(argv):  # before minutes of training, not at the chart
+        for mod in ("sklearn", "matplotlib"):
+            require(mod, "demo", "the demo's data and charts")
     if "--ablation" in argv or any(a.startswith("--ablation=") for a in argv):
         return _ablation(argv)
     ap = argparse.ArgumentParser(prog="python -m fastvpd.demo", description=__doc__.splitlines()[0])
