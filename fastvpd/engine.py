@@ -444,10 +444,17 @@ def prepare(cfg: Any, labels: bool = False) -> Prepared:
     """The prologue shared by pretrain/distill/linear: seeds and kernels, the per-rank batch, precision,
     and the training loader (its augmentation recipe from `cfg.aug`). `labels`: the run trains on the
     training split's labels, so a split converted without class folders is refused in one line."""
-    if labels and not Manifest.load(cfg.data.root).labelled(config.TRAIN_SPLIT):
+    manifest = Manifest.load(cfg.data.root) if labels else None
+    if manifest is not None and not manifest.labelled(config.TRAIN_SPLIT):
         raise UserError(
             f"{cfg.data.root}: its {config.TRAIN_SPLIT} split was converted without labels (no class "
             "folders); distillation and the linear probe train on labels: convert a tree of class folders"
+        )
+    val = cfg.data.val_split
+    if manifest is not None and cfg.eval.every > 0 and val in manifest.splits and not manifest.labelled(val):
+        raise UserError(
+            f"{cfg.data.root}: the validation split {val!r} has no labels to score: set eval.every=0, or "
+            "data.val_split to a labelled split"
         )
     info = dist.info()
     setup_backends(cfg.train.seed, cfg.train.deterministic, info.device, info.rank)

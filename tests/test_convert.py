@@ -566,6 +566,25 @@ def test_flat_folder_is_an_unlabelled_split_that_pretrains(
         assert e.value.code == 2 and len(err) == 1 and "converted without labels" in err[0], err
 
 
+def test_distill_and_linear_refuse_an_unlabelled_val_split_they_would_score(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fastvpd import distill, linear
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for c in range(2):
+        _photos(src / "train" / f"c{c}", 4, seed=c)
+    _photos(src / "val", 3, seed=9)  # a flat val folder: images without labels
+    convert(src, out, formats=("cache",), workers=1, progress=False)
+    assert Manifest.load(out).labelled("train") and not Manifest.load(out).labelled("val")
+    for mod, key in ((distill, "distill.teacher"), (linear, "linear.backbone")):
+        with pytest.raises(SystemExit) as e:
+            mod.main([f"data.root={out}", f"train.out_dir={tmp_path / mod.__name__}", f"{key}=x.pt"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "'val' has no labels" in err[0], err
+        assert "eval.every=0" in err[0]
+
+
 def test_nested_unlabelled_train_with_labelled_val_monitors_knn(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
