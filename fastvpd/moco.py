@@ -15,31 +15,16 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastvpd import dist
 from fastvpd.losses import margin_info_nce
 from fastvpd.models import MLPHead, build_backbone, convert_split_bn, route, routed
 
 __all__ = ["Encoder", "MoCo"]
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def _concat_all_gather(t: Tensor) -> Tensor:
-    """All-gather `t` along dim 0 from every process (no gradient); the identity on one process."""
-    world = _world_size()
-    if world == 1:
-        return t
-    t = t.contiguous()
-    out = torch.empty((world * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t)
-    return out
 
 
 class Encoder(nn.Module):
@@ -109,7 +94,7 @@ class MoCo(nn.Module):
         device (argsort of uniform noise, graph-safe) so each BN group of keys mixes samples differently from
         the query's groups, as MoCo's colab does. One process with plain BN: no shuffle is needed.
         """
-        world = _world_size()
+        world = dist.world_size()
         if world > 1:
             return self._key_shuffled_ddp(x, world)
         if self.bn_splits > 1:
@@ -120,13 +105,13 @@ class MoCo(nn.Module):
 
     def _key_shuffled_ddp(self, x: Tensor, world: int) -> Tensor:
         n = x.shape[0]
-        x_all = _concat_all_gather(x)
+        x_all = dist.gather(x)
         perm = torch.randperm(x_all.shape[0], device=x.device)
-        dist.broadcast(perm, src=0)
-        rank = dist.get_rank()
+        tdist.broadcast(perm, src=0)
+        rank = dist.info().rank
         idx_this = perm.view(world, n)[rank]
         k = F.normalize(self.encoder_k(x_all.index_select(0, idx_this)), dim=1)
-        k_all = _concat_all_gather(k)  # k_all[j] = key of sample perm[j]
+        k_all = dist.gather(k)  # k_all[j] = key of sample perm[j]
         unshuffle = torch.argsort(perm)
         return k_all.index_select(0, unshuffle.view(world, n)[rank])
 
@@ -156,7 +141,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def enqueue_(self, keys: Tensor) -> None:
         """Write keys (all-gathered across processes) at the queue pointer, wrapping around; no host sync."""
-        keys = _concat_all_gather(keys.detach())
+        keys = dist.gather(keys.detach())
         n, k = keys.shape[0], self.queue_size
         if n > k:
             raise ValueError(f"cannot enqueue {n} keys into a queue of {k}: raise moco.queue_size")

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from fastvpd import dist as fdist
 from fastvpd.losses import margin_info_nce
 from fastvpd.moco import MoCo
 from fastvpd.models import SplitBatchNorm
@@ -121,6 +122,7 @@ def _ddp_worker(rank: int, world: int, port: int, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    fdist.init("cpu")  # the trainers' group state, which MoCo's gathers follow
     try:
         m = _tiny(queue_size=8, bn_splits=1)
         m.encoder_k.eval()  # per-sample forward: the shuffled key must equal the local one
@@ -131,7 +133,7 @@ def _ddp_worker(rank: int, world: int, port: int, result_path: str) -> None:
         m.enqueue_(k)
         torch.save({"k": k, "local": local, "queue": m.queue, "ptr": m.queue_ptr}, f"{result_path}.{rank}")
     finally:
-        dist.destroy_process_group()
+        fdist.shutdown()
 
 
 def test_two_process_shuffle_bn_and_gathered_enqueue(tmp_path) -> None:  # type: ignore[no-untyped-def]
