@@ -29,7 +29,16 @@ from datetime import date
 from pathlib import Path
 
 from fastvpd.config import UserError
-from fastvpd.demo import DemoInterrupted, _banner, _config, _cpu_desc, _finished, _last_ckpt, make_data
+from fastvpd.demo import (
+    DemoInterrupted,
+    _banner,
+    _config,
+    _cpu_desc,
+    _finished,
+    _last_ckpt,
+    make_data,
+    splice_readme,
+)
 
 MARK_BEGIN, MARK_END = "<!-- ablation-results:begin -->", "<!-- ablation-results:end -->"
 QUEUES, MARGINS, SEEDS = (64, 512, 4096), (0.0, 0.4), (0, 1, 2)
@@ -169,16 +178,11 @@ def chart(rows: list[dict], path: Path) -> None:
 
 def update_readme(readme: Path, block: str) -> None:
     """Put `block` between the ablation markers; append a section with them when the file has none."""
-    text = readme.read_text() if readme.is_file() else ""
-    if MARK_BEGIN not in text or MARK_END not in text:
-        text = text.rstrip("\n") + (
-            "\n\n## Ablation: the margin and the number of negatives\n\n"
-            "`python -m fastvpd.demo --ablation negatives --readme README.md` writes this table.\n\n"
-            f"{MARK_BEGIN}\n{MARK_END}\n"
-        )
-    a, rest = text.split(MARK_BEGIN, 1)
-    _, b = rest.split(MARK_END, 1)
-    readme.write_text(f"{a}{MARK_BEGIN}\n{block}\n{MARK_END}{b}")
+    section = (
+        "## Ablation: the margin and the number of negatives\n\n"
+        "`python -m fastvpd.demo --ablation negatives --readme README.md` writes this table.\n\n"
+    )
+    splice_readme(readme, MARK_BEGIN, MARK_END, block, section)
 
 
 def _floats(s: str, what: str) -> list[float]:

@@ -187,14 +187,25 @@ def _chart(rows: dict[str, list[MethodResult]], pretrain_dirs: list[Path], path:
     plt.close(fig)
 
 
+def splice_readme(readme: Path, begin: str, end: str, block: str, section: str | None = None) -> None:
+    """Write `block` between the `begin`/`end` markers of `readme`, replacing what was there.
+
+    Without the markers: `section` (a heading and text) is appended to the file with the markers after
+    it, or, when `section` is None, a one-line UserError.
+    """
+    text = readme.read_text() if readme.is_file() else ""
+    if begin not in text or end not in text:
+        if section is None:
+            raise UserError(f"{readme} has no {begin} ... {end} block to fill")
+        text = text.rstrip("\n") + f"\n\n{section}{begin}\n{end}\n"
+    a, rest = text.split(begin, 1)
+    _, b = rest.split(end, 1)
+    readme.write_text(f"{a}{begin}\n{block}\n{end}{b}")
+
+
 def update_readme(readme: Path, table: str, chart_rel: str | None) -> None:
-    text = readme.read_text()
-    if MARK_BEGIN not in text or MARK_END not in text:
-        raise UserError(f"{readme} has no {MARK_BEGIN} ... {MARK_END} block to fill")
     block = table + (f"\n\n![demo results]({chart_rel})" if chart_rel else "")
-    a, rest = text.split(MARK_BEGIN, 1)
-    _, b = rest.split(MARK_END, 1)
-    readme.write_text(f"{a}{MARK_BEGIN}\n{block}\n{MARK_END}{b}")
+    splice_readme(readme, MARK_BEGIN, MARK_END, block)
 
 
 def make_data(out: Path, formats: tuple[str, ...] = ("ffcv", "dali", "cache")) -> Path:
