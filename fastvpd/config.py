@@ -163,7 +163,7 @@ class OptimConfig:
     lr: float = _key(0.03, "learning rate for a batch of lr_batch, scaled linearly with the global batch")
     lr_batch: int = _key(256, "the batch size lr is given for")
     momentum: float = _key(0.9, "SGD momentum")
-    weight_decay: float = _key(1e-4, "weight decay (not on BN and bias parameters)")
+    weight_decay: float = _key(1e-4, "weight decay, on every parameter (as MoCo and the authors)")
     nesterov: bool = _key(False, "Nesterov momentum")
     schedule: Schedule = _key(
         Schedule.cosine, "cosine decay to 0, or step (x step_gamma at epoch boundaries)"

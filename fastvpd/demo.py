@@ -1,6 +1,6 @@
 """`make demo`: the whole paper, end to end, on the embedded digits data (CPU in minutes).
 
-Steps: make the digits tree → convert (all formats) → MoCo v2 + margin pretraining (no labels) →
+Steps: make the digits tree → convert (the cache the demo reads) → MoCo v2 + margin pretraining (no labels) →
 self-distillation → the two baselines from the same code (supervised from scratch, MoCo + plain fine-tuning)
 → evaluation on the test split → results table (Markdown + JSON) and a PNG chart in the run folder.
 
@@ -208,7 +208,7 @@ def update_readme(readme: Path, table: str, chart_rel: str | None) -> None:
     splice_readme(readme, MARK_BEGIN, MARK_END, block)
 
 
-def make_data(out: Path, formats: tuple[str, ...] = ("ffcv", "dali", "cache")) -> Path:
+def make_data(out: Path, formats: tuple[str, ...] = ("cache",)) -> Path:
     """The embedded digits as an ImageFolder tree under OUT/digits, converted into OUT/converted."""
     from fastvpd.convert import convert
     from fastvpd.datasets.digits import make_digits
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     t0 = time.perf_counter()
-    _banner("0/4 embedded data: scikit-learn digits → ImageFolder → ffcv, dali, cache")
+    _banner("0/4 embedded data: scikit-learn digits → ImageFolder → uint8 cache")
     conv = make_data(out / "data")
 
     rows: dict[str, list[MethodResult]] = {}

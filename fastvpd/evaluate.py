@@ -208,6 +208,7 @@ def evaluate(
     precision = Precision(amp, dev)
     manifest = Manifest.load(data)
     n_cls = manifest.num_classes
+    scored = manifest.labelled(split)  # a split converted without class folders: predictions only
     data_cfg = DataConfig(root=str(data), backend=backend, verify=verify)
     members, probs_all = [], []
     labels = order = None
@@ -230,8 +231,11 @@ def evaluate(
         p, y, idx = p[perm], y[perm], idx[perm]
         if order is None:
             labels, order = y, idx
-        members.append({"checkpoint": str(ck), "arch": rec["arch"], "res": r, **_scores(p, y)})
-        say(f"{ck}: {rec['arch']} @ {r}px{' ten-crop' if ten_crop else ''}: top-1 {members[-1]['top1']:.2f}%")
+        members.append(
+            {"checkpoint": str(ck), "arch": rec["arch"], "res": r, **(_scores(p, y) if scored else {})}
+        )
+        top1 = f": top-1 {members[-1]['top1']:.2f}%" if scored else ""
+        say(f"{ck}: {rec['arch']} @ {r}px{' ten-crop' if ten_crop else ''}{top1}")
         probs_all.append(p)
         del model
     probs = ensemble(probs_all)
@@ -239,7 +243,7 @@ def evaluate(
         "split": split,
         "num_samples": int(labels.shape[0]),  # type: ignore[union-attr]
         "ten_crop": ten_crop,
-        **_scores(probs, labels),  # type: ignore[arg-type]
+        **(_scores(probs, labels) if scored else {}),  # type: ignore[arg-type]
         "members": members,
     }
     out_dir = Path(out) if out else _default_out(Path(ckpts[0]), split)
@@ -258,7 +262,10 @@ def evaluate(
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     results["out_dir"] = str(out_dir)
     kind = f"ensemble of {len(ckpts)}" if len(ckpts) > 1 else "model"
-    say(f"{split}: {kind} top-1 {results['top1']:.2f}%, top-5 {results['top5']:.2f}% -> {out_dir}")
+    if scored:
+        say(f"{split}: {kind} top-1 {results['top1']:.2f}%, top-5 {results['top5']:.2f}% -> {out_dir}")
+    else:
+        say(f"{split}: no labels (converted without class folders), predictions only -> {out_dir}")
     return results
 
 

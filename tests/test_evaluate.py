@@ -183,3 +183,29 @@ def test_run_takes_a_mapping_keywords_or_argv(repeated_names: Path, tmp_path: Pa
         run(checkpoints=[ck], data=repeated_names, tencrop=True)
     with pytest.raises(UserError, match="needs checkpoints"):
         run(data=repeated_names)
+
+
+def test_unlabelled_split_gets_predictions_and_no_scores(tmp_path: Path, capsys) -> None:
+    """A test split converted from a flat folder (a challenge's test set): predictions, no made-up top-1."""
+    from PIL import Image
+
+    from fastvpd.convert import convert
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    for d, n in (("train/c0", 2), ("train/c1", 2), ("test", 3)):
+        (src / d).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(src / d / f"{i}.png")
+    convert(src, tmp_path / "conv", formats=("cache",), workers=1, progress=False)
+    ck = _classifier_ckpt(tmp_path / "m.pt", 0, ["c0", "c1"], res=8)
+    ev = tmp_path / "ev"
+    conv = str(tmp_path / "conv")
+    evaluate_main([str(ck), "--data", conv, "--split", "test", "--out", str(ev), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "no labels" in out and "top-1" not in out
+    results = json.loads((ev / "results.json").read_text())
+    assert results["num_samples"] == 3 and "top1" not in results and "top1" not in results["members"][0]
+    with open(ev / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert sorted(r[0] for r in rows) == ["0", "1", "2"] and {r[1] for r in rows} <= {"0", "1"}
