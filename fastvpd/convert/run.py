@@ -24,6 +24,7 @@ from fastvpd.convert.decode import MIN_SIDE, check_job, ffcv_size, imap
 from fastvpd.convert.manifest import ManifestWriter, fresh
 from fastvpd.convert.scan import IMG_EXTS, Split, discover, hash_job
 from fastvpd.data.manifest import Manifest, file_record
+from fastvpd.extras import require_ffcv
 
 FORMATS = ("ffcv", "dali", "cache")
 WRITE_MODES = ("jpg", "proportion", "raw")
@@ -53,16 +54,7 @@ def _options(formats: list[str], **o: Any) -> dict[str, Any]:
     if o["shard_size"] < 1 or o["max_res"] < 0 or o["cache_res"] < 0:
         raise UserError("--shard-size must be >= 1 and --max-res/--cache-res >= 0")
     if "ffcv" in formats:
-        from fastvpd.data import torch_threads_kept
-
-        try:
-            with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
-                import ffcv.writer  # noqa: F401
-        except Exception as e:  # noqa: BLE001 - missing package or its native libraries
-            raise UserError(
-                f"FFCV is not usable here ({type(e).__name__}: {e}): "
-                "install the ffcv extra or drop ffcv from --formats"
-            ) from None
+        require_ffcv("--formats ffcv", ("ffcv.writer",), "drop ffcv from --formats")
     for k in ("max_res", "jpeg_quality", "cache_res", "shard_size"):
         o[k] = int(o[k])
     o["workers"] = int(o["workers"]) if o["workers"] else (os.cpu_count() or 1)

@@ -39,22 +39,23 @@ import torch
 
 from fastvpd.config import UserError
 from fastvpd.data.augment import ViewFinisher
-from fastvpd.data.base import Batch, LoaderBase, mix_seed, torch_threads_kept
+from fastvpd.data.base import Batch, LoaderBase, mix_seed
 from fastvpd.data.spec import AugSpec, ResizeCenterCrop
+from fastvpd.extras import require_ffcv
 
-INSTALL_HINT = "pip install 'fastvpd[ffcv]'"
+# the FFCV modules the loader uses: all must import (a broken native build fails in some of them)
+FFCV_MODULES = (
+    "ffcv.fields",
+    "ffcv.loader",
+    "ffcv.pipeline",
+    "ffcv.transforms",
+    "ffcv.fields.decoders",
+    "ffcv.traversal_order.base",
+)
 
 
 def _import_ffcv() -> Any:
-    try:
-        with torch_threads_kept():  # FFCV's import sets torch's thread count to 1
-            import ffcv  # noqa: F401
-            from ffcv import fields, loader, pipeline, transforms  # noqa: F401
-            from ffcv.fields import decoders  # noqa: F401
-            from ffcv.traversal_order.base import TraversalOrder  # noqa: F401
-    except Exception as e:  # ImportError, or a broken native build
-        raise UserError(f"data.backend=ffcv needs FFCV ({type(e).__name__}: {e}): {INSTALL_HINT}") from None
-    return ffcv
+    return require_ffcv("data.backend=ffcv", FFCV_MODULES)
 
 
 @lru_cache(maxsize=1)
