@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fastvpd.config import UserError, main_guard
-
-IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from fastvpd.convert import IMG_EXTS  # the files the converter reads are the files a subset keeps
 
 
 def vipriors_subset(
