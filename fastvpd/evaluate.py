@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastvpd import dist
 from fastvpd.checkpoint import load_classifier
-from fastvpd.config import DataConfig, UserError, main_guard
+from fastvpd.config import Amp, Backend, DataConfig, Device, UserError, Verify, choices_of, main_guard
 from fastvpd.data import build_loader, eval_spec
 from fastvpd.data.manifest import Manifest
 from fastvpd.step import Precision
@@ -202,8 +202,11 @@ def evaluate(
         raise UserError(f"--batch-size must be > 0 (got {batch_size})")
     if res is not None and res <= 0:
         raise UserError(f"--res must be > 0 (got {res})")
-    if amp not in ("bf16", "fp16", "none"):
-        raise UserError(f"--amp must be bf16, fp16 or none (got {amp!r})")
+    checks = (("--backend", backend, Backend), ("--device", device, Device), ("--amp", amp, Amp),
+              ("--verify", verify, Verify))  # fmt: skip
+    for flag, value, kind in checks:
+        if str(value) not in choices_of(kind):
+            raise UserError(f"{flag} must be one of {', '.join(choices_of(kind))} (got {value!r})")
     dev = dist.pick_device(device)
     precision = Precision(amp, dev)
     manifest = Manifest.load(data)
@@ -281,10 +284,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--res", type=int, default=None, help="crop size (default: each checkpoint's own)")
     ap.add_argument("--out", default=None, help="output folder (default <run>/eval_<split>)")
     ap.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
-    ap.add_argument("--backend", default="cache", help="data backend: cache | ffcv | dali | torchvision")
-    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    ap.add_argument("--amp", default="bf16", help="GPU autocast: bf16 | fp16 | none")
-    ap.add_argument("--verify", default="fast", help="manifest check: fast | full | off")
+    ap.add_argument(
+        "--backend", default="cache", choices=choices_of(Backend), help="data loader (default cache)"
+    )
+    ap.add_argument(
+        "--device", default="auto", choices=choices_of(Device), help="default: a GPU when there is one"
+    )
+    ap.add_argument("--amp", default="bf16", choices=choices_of(Amp), help="GPU autocast (default bf16)")
+    ap.add_argument(
+        "--verify", default="fast", choices=choices_of(Verify), help="manifest check (default fast)"
+    )
     return ap
 
 

@@ -183,6 +183,8 @@ def test_run_takes_a_mapping_keywords_or_argv(repeated_names: Path, tmp_path: Pa
         run(checkpoints=[ck], data=repeated_names, tencrop=True)
     with pytest.raises(UserError, match="needs checkpoints"):
         run(data=repeated_names)
+    with pytest.raises(UserError, match="--device must be one of auto, cuda, cpu"):  # not a silent CPU run
+        run(checkpoints=[ck], data=repeated_names, device="gpu")
 
 
 def test_unlabelled_split_gets_predictions_and_no_scores(tmp_path: Path, capsys) -> None:
