@@ -34,6 +34,7 @@ from fastvpd.checkpoint import backbone_state, classifier_entry, classifier_reco
 from fastvpd.classifier import Classifier
 from fastvpd.config import UserError
 from fastvpd.data import render_then, views_in_step
+from fastvpd.data.spec import eval_crop
 from fastvpd.evaluate import evaluate_top
 from fastvpd.ofd import DISTILL_METRICS, DistillNet, build_teacher, distill_step
 from fastvpd.optim import base_lr, build_sgd
@@ -83,7 +84,7 @@ class DistillTask:
         self.warmup = 11 if info.distributed else 3
         self.skip = skip
         self.steps: dict[bool, GraphedStep] = {}
-        self.in_step = views_in_step(cfg.data, loader, say)  # cache backend: the step renders the view
+        self.in_step = views_in_step(loader, say)  # cache backend: the step renders the view
 
     def _step_for(self, on: bool) -> GraphedStep:
         if on not in self.steps:
@@ -126,7 +127,7 @@ class DistillTask:
 
     def state_dict(self) -> dict[str, Any]:
         net = self.net
-        res = self.cfg.aug.eval_res if self.cfg.aug.eval_res > 0 else self.cfg.aug.res
+        res = eval_crop(self.cfg.aug.res, self.cfg.aug.eval_res)
         return {
             "classifier": classifier_record(net.student, res, self.classes),
             "distiller": net.distiller.state_dict() if net.distiller is not None else {},

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastvpd import checkpoint
 from fastvpd.config import UserError, main_guard
-from fastvpd.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
+from fastvpd.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, eval_crop
 from fastvpd.extras import require
 from fastvpd.models import build_backbone
 
@@ -119,7 +119,7 @@ def export(ckpt: str | Path, out: str | Path) -> Exported:
         arch, small_stem = str(model_cfg["arch"]), bool(model_cfg.get("small_stem", False))
         sd = checkpoint.backbone_state(obj, arch, small_stem, source=str(src))
         aug = cfg.get("aug", {})
-        res = int(aug.get("eval_res", -1)) if int(aug.get("eval_res", -1)) > 0 else int(aug.get("res", 224))
+        res = eval_crop(int(aug.get("res", 224)), int(aug.get("eval_res", -1)))
         num_classes, classes = 0, []
     ref = build_backbone(arch, small_stem).state_dict()
     missing = [k for k in ref if k not in sd]

@@ -25,6 +25,7 @@ from fastvpd import config, dist, engine
 from fastvpd.checkpoint import backbone_state, classifier_record, read_state
 from fastvpd.classifier import Classifier
 from fastvpd.config import UserError
+from fastvpd.data.spec import eval_crop
 from fastvpd.evaluate import evaluate_top
 from fastvpd.models import route, routed
 from fastvpd.optim import base_lr, build_sgd
@@ -135,7 +136,7 @@ class LinearTask:
         return {f"val_{k}": v for k, v in m.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        res = self.cfg.aug.eval_res if self.cfg.aug.eval_res > 0 else self.cfg.aug.res
+        res = eval_crop(self.cfg.aug.res, self.cfg.aug.eval_res)
         return {
             "classifier": classifier_record(self.model, res, self.classes),
             "optimizer": self.optimizer.state_dict(),

@@ -174,11 +174,15 @@ def with_strength(
     return replace(spec, views=tuple(views))
 
 
+def eval_crop(res: int, eval_res: int) -> int:
+    """The evaluation crop size: aug.eval_res when set (> 0), else the training aug.res (eval_res = -1)."""
+    return eval_res if eval_res > 0 else res
+
+
 def from_config(aug_cfg: Any, train: bool, ten_crop: bool = False) -> AugSpec:
     """Spec from an `AugConfig` (fastvpd.config): the recipe when training, the eval transform otherwise."""
     if not train:
-        res = aug_cfg.eval_res if aug_cfg.eval_res > 0 else aug_cfg.res
-        return eval_spec(res, ten_crop)
+        return eval_spec(eval_crop(aug_cfg.res, aug_cfg.eval_res), ten_crop)
     if aug_cfg.recipe == "moco_v2":
         spec = moco_v2(aug_cfg.res, aug_cfg.min_scale if aug_cfg.min_scale > 0 else 0.2)
     elif aug_cfg.recipe == "supervised":
