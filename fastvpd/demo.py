@@ -25,7 +25,6 @@ from typing import Any
 from fastvpd.config import RECIPES, UserError, main_guard
 from fastvpd.extras import require
 
-CONFIGS = RECIPES
 MARK_BEGIN, MARK_END = "<!-- demo-results:begin -->", "<!-- demo-results:end -->"
 
 
@@ -42,7 +41,7 @@ def _banner(msg: str) -> None:
 
 
 def _config(name: str) -> str:
-    path = CONFIGS / name
+    path = RECIPES / name
     if not path.is_file():
         raise UserError(f"missing demo config {path}")
     return str(path)
