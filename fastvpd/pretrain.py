@@ -75,7 +75,7 @@ class MocoTask:
             moco_step, model, optimizer, precision, self.meters, skip_nonfinite=skip, key_stream=key_stream
         )
         self.loader = loader
-        self.in_step = views_in_step(cfg.data, loader, say)
+        self.in_step = views_in_step(loader, say)
         if self.in_step:
             fn = functools.partial(render_then, loader, fn, 2)
         self.step = GraphedStep(

@@ -76,8 +76,8 @@ def test_graph_matches_eager() -> None:
 
 @pytest.mark.parametrize("graph", [False, True])
 def test_key_encoder_on_a_second_stream_trains_the_same(graph: bool) -> None:
-    """moco.overlap_key: the momentum update and key forward on a side stream, eager and captured, give the
-    sequential step's training (same kernels, scheduled concurrently)."""
+    """Pretraining's key_stream: the momentum update and key forward on a side stream, eager and captured,
+    give the sequential step's training (same kernels, scheduled concurrently)."""
     seq, l_s, _ = _run(False)
     ovl, l_o, logs = _run(graph, overlap=True)
     assert not graph or any("captured" in m for m in logs), logs

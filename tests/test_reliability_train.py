@@ -396,7 +396,7 @@ def _poison(monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
         if batch.views:  # views rendered by the loader
             batch.views = [v * float("nan") for v in batch.views]
             return real(self, batch)
-        # views rendered inside the step (data.aug_in_step): poison what the loader's augment returns
+        # views rendered inside the step (views_in_step): poison what the loader's augment returns
         augment = self.loader.augment
         self.loader.augment = lambda idx: [v * float("nan") for v in augment(idx)]
         try:

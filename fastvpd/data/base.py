@@ -24,7 +24,7 @@ def torch_threads_kept() -> Iterator[None]:
 
     Importing FFCV calls `torch.set_num_threads(1)` (ffcv.pipeline.compiler, at import time): without this,
     one `import ffcv` (the converter, the ffcv backend) leaves every later model step in the process on
-    one core. Measured: the demo's pretraining ran at 70 instead of 130 samples/s on 2 cores.
+    one core, roughly halving a CPU run's speed.
     """
     n = torch.get_num_threads()
     try:
@@ -48,16 +48,15 @@ class Batch:
     seed: int | None = None
 
 
-def views_in_step(data_cfg: Any, loader: Any, say: Any = print) -> bool:
+def views_in_step(loader: Any, say: Any = print) -> bool:
     """Let the training step render the views, where the loader supports it (cache backend, device
     placement, no AutoAugment).
 
     True: `loader` now yields index-only batches (`Batch.seed` set); the step must call
     `loader.seed_views(batch)` and render `loader.augment(batch.indices)` itself. False: ordinary batches,
-    with one line saying why for a loader that could have. A `data_cfg` with `aug_in_step=False` (a
-    benchmark's row) keeps the rendering in the loader.
+    with one line saying why for a loader that could have.
     """
-    if not getattr(data_cfg, "aug_in_step", True) or not hasattr(loader, "defer_views"):
+    if not hasattr(loader, "defer_views"):
         return False
     why = loader.defer_views()
     if why:
