@@ -68,7 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
     p.add_argument("--arch", default="", help="backbone (default: resnet50 on GPU, resnet18 on CPU)")
     p.add_argument("--res", type=int, default=0, help="view resolution in px")
     p.add_argument("--batch", type=int, default=0, help="batch size for loaders, steps and e2e")
-    p.add_argument("--queue", type=int, default=0, help="MoCo queue (a multiple of the batch)")
+    p.add_argument("--queue", type=int, default=0, help="MoCo queue size")
     p.add_argument("--warmup", type=int, default=0, help="untimed steps before each rung")
     p.add_argument("--repeats", type=int, default=0, help="timed steps per rung (median reported)")
     p.add_argument("--images", type=int, default=0, help="synthetic images for the loader/e2e sections")

@@ -245,7 +245,11 @@ def main(argv: list[str] | None = None) -> Path:
     args = ap.parse_args(argv)
 
     out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        msg = f"--seeds takes comma-separated whole numbers, e.g. 0,1,2 (got {args.seeds!r})"
+        raise UserError(msg) from None
     t0 = time.perf_counter()
     _banner("0/4 embedded data: scikit-learn digits → ImageFolder → uint8 cache")
     conv = make_data(out / "data")

@@ -80,7 +80,7 @@ def _load_snippet(meta: dict[str, Any], pt_name: str) -> dict[str, str]:
     for key in lines:
         if meta["small_stem"]:  # 3x3 stride-1 conv1, no max-pool (fastvpd.models.build_backbone)
             lines[key] += [
-                f"model.conv1 = torch.nn.Conv2d(3, {meta['stem_channels']}, 3, 1, 1, bias=False)",
+                f"model.conv1 = torch.nn.Conv2d(3, {meta['conv1_out_channels']}, 3, 1, 1, bias=False)",
                 "model.maxpool = torch.nn.Identity()",
             ]
         lines[key] += [
@@ -134,7 +134,7 @@ def export(ckpt: str | Path, out: str | Path) -> Exported:
         "class_names": classes,
         "fc": bool(num_classes),
         "small_stem": small_stem,
-        "stem_channels": int(sd["conv1.weight"].shape[0]),
+        "conv1_out_channels": int(sd["conv1.weight"].shape[0]),
         "input_size": [3, res, res],
         "resize": round(res / EVAL_CROP_FRACTION),  # short side, bilinear + antialias, then centre crop
         "mean": list(IMAGENET_MEAN),

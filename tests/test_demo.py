@@ -60,3 +60,12 @@ def test_sigterm_during_pretraining_stops_the_whole_demo(tmp_path: Path) -> None
     assert "demo stopped: seed 0 pretraining was interrupted" in log and "2/4" not in log, log
     assert list((out / "seed0" / "pretrain" / "checkpoints").glob("*.pt")), log
     assert not (out / "seed0" / "distill").exists() and not (out / "results.md").exists()
+
+
+def test_demo_bad_seeds_is_one_line(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "fastvpd.demo", "--seeds", "0,a", "--out", str(tmp_path / "o")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and "--seeds takes comma-separated whole numbers" in err[0]

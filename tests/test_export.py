@@ -140,7 +140,7 @@ def test_small_stem_classifier_says_so_and_its_snippets_rebuild_it(
     ck = checkpoint.save(tmp_path / "digits.pt", {"task": {"classifier": rec}, "config": {}}, global_step=0)
     ex = export(ck, tmp_path / "out" / "digits.pt")
     meta = json.loads(ex.json.read_text())
-    assert meta["small_stem"] is True and meta["stem_channels"] == 64
+    assert meta["small_stem"] is True and meta["conv1_out_channels"] == 64
     with pytest.raises(RuntimeError, match="conv1.weight"):  # why the JSON says so: no stock arch fits
         torchvision.models.resnet18(num_classes=10).load_state_dict(ex.state_dict)
     x = torch.randn(2, 3, 32, 32)
