@@ -40,7 +40,7 @@ from torch import Tensor
 
 from fastvpd.classifier import Classifier
 from fastvpd.config import UserError
-from fastvpd.models import build_backbone
+from fastvpd.models import build_backbone, unwrapped_key
 
 MAGIC = b"FVPDCKPT"
 VERSION = 1
@@ -315,7 +315,6 @@ class CheckpointDir:
 
 
 # ------------------------------------------------------------------------------ weights out of checkpoints
-_DROP = ("module", "_orig_mod")  # wrapper components in keys (DDP, torch.compile)
 _PROBE = "layer1.0.conv1.weight"  # every torchvision ResNet has it: marks where a backbone's keys start
 
 
@@ -350,8 +349,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Tensor]:
     """Every tensor in nested dicts, keyed by its dotted path without DDP/compile wrapper components."""
     out: dict[str, Tensor] = {}
     if isinstance(obj, Tensor):
-        key = ".".join(p for p in prefix.split(".") if p and p not in _DROP)
-        out[key] = obj
+        out[unwrapped_key(prefix)] = obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
             if isinstance(k, str):

@@ -33,7 +33,7 @@ from fastvpd import checkpoint
 from fastvpd.config import UserError, main_guard
 from fastvpd.data.spec import EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, eval_crop
 from fastvpd.extras import require
-from fastvpd.models import build_backbone
+from fastvpd.models import build_backbone, unwrapped_key
 
 __all__ = ["Exported", "export", "resolve_checkpoint", "main"]
 
@@ -95,8 +95,7 @@ def _classifier_tensors(rec: dict[str, Any]) -> dict[str, Tensor]:
     """`Classifier` keys (`backbone.X`, `fc.*`) -> torchvision's (`X`, `fc.*`)."""
     out = {}
     for k, v in rec["state_dict"].items():
-        for prefix in ("module.", "_orig_mod."):
-            k = k.replace(prefix, "")
+        k = unwrapped_key(k)
         out[k[len("backbone.") :] if k.startswith("backbone.") else k] = v
     return out
 

@@ -470,20 +470,23 @@ def adapt_stem(model: nn.Module, channels: int = 3, impl: str = "direct") -> int
     return len(stems)
 
 
-def backbone_state_for_torchvision(backbone: nn.Module, num_classes: int | None = None) -> dict[str, Tensor]:
-    """A CPU state dict of `backbone` with torchvision's key names.
+WRAPPERS = ("module", "_orig_mod")  # the key components DDP and torch.compile add
 
-    SplitBatchNorm keeps BatchNorm2d's keys, so split-BN maps back to plain BN unchanged; `module.` (DDP) and
-    `_orig_mod.` (torch.compile) prefixes are stripped. The backbone has no fc: load with
-    `torchvision.models.<arch>().load_state_dict(sd, strict=False)` (only `fc.weight`/`fc.bias` missing), or
-    pass `num_classes` to add a freshly initialised fc (nn.Linear's default init) so `strict=True` works.
+
+def unwrapped_key(key: str) -> str:
+    """A state-dict key without the components DDP (`module`) and torch.compile (`_orig_mod`) add."""
+    return ".".join(p for p in key.split(".") if p and p not in WRAPPERS)
+
+
+def backbone_state_for_torchvision(backbone: nn.Module, num_classes: int | None = None) -> dict[str, Tensor]:
+    """A CPU state dict of `backbone` with torchvision's key names (split-BN keeps BN's; wrappers dropped).
+
+    No fc: load with `strict=False`, or pass `num_classes` for a freshly initialised fc (`strict=True`).
     A small-stem backbone has a 3×3 conv1: load it into `build_backbone(arch, small_stem=True)` instead.
     """
     out: dict[str, Tensor] = {}
     for key, val in backbone.state_dict().items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+        key = unwrapped_key(key)
         if key.startswith("fc."):
             continue
         out[key] = val.detach().to("cpu", copy=True).contiguous()
