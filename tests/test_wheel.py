@@ -71,12 +71,27 @@ def test_installed_wheel_runs_every_entry_point_from_an_empty_folder(
     )
     assert str(ROOT) not in where.splitlines()[0] and where.splitlines()[1] == "None", where
 
-    for mod in ("pretrain", "distill", "linear", "evaluate", "export", "demo", "convert"):
-        out = _run([*py, "-m", f"fastvpd.{mod}", "--help"], cwd=work, env=env)
-        assert out.lower().startswith("usage"), (mod, out[:300])
-    for mod, recipe in (("pretrain", "demo_digits_pretrain"), ("distill", "demo_digits_distill")):
-        out = _run([*py, "-m", f"fastvpd.{mod}", "--config", recipe, "--print-config"], cwd=work, env=env)
-        assert "train:" in out and "data:" in out, out[:300]
+    # Every entry point's --help, and the shipped recipes resolved, run as `python -m` would (one child).
+    child = (
+        "import contextlib, io, json, runpy, sys\n"
+        "out = {}\n"
+        "for mod, args in json.loads(sys.argv[1]):\n"
+        "    sys.argv = [mod, *args]; buf = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):\n"
+        "        runpy.run_module(f'fastvpd.{mod}', run_name='__main__', alter_sys=True)\n"
+        "    out[mod + ' ' + ' '.join(args)] = buf.getvalue()\n"
+        "print(json.dumps(out))\n"
+    )
+    mods = ("pretrain", "distill", "linear", "evaluate", "export", "demo", "convert")
+    calls = [[m, ["--help"]] for m in mods]
+    calls += [["pretrain", ["--config", "demo_digits_pretrain", "--print-config"]],
+              ["distill", ["--config", "demo_digits_distill", "--print-config"]]]  # fmt: skip
+    outs = json.loads(_run([*py, "-c", child, json.dumps(calls)], cwd=work, env=env).splitlines()[-1])
+    for key, out in outs.items():
+        if key.endswith("--help"):
+            assert out.lower().startswith("usage"), (key, out[:300])
+        else:
+            assert "train:" in out and "data:" in out, (key, out[:300])
 
     # The converter's command line on a dataset made by the installed package.
     _run([*py, "-m", "fastvpd.datasets.digits", "src"], cwd=work, env=env)
