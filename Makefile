@@ -36,7 +36,7 @@ demo: setup
 # Tests run in parallel worker processes (pytest-xdist), one per core up to 4; each worker builds its own copy
 # of the session fixtures (the digits data). TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
-XDIST := -n $(TEST_WORKERS) --dist worksteal
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 test: setup
 	$(VPY) -m pytest -q -m "not cuda" $(XDIST) --durations=15 tests

@@ -103,7 +103,8 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[st
     return all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in keys)
 
 
-def test_two_process_distill_and_linear_steps_equal_single_process(tmp_path: Path) -> None:
+def test_two_process_distill_and_linear_steps_equal_single_process(tmp_path: Path, one_thread) -> None:  # noqa: ANN001
+    """The single-process reference runs on one thread, as the workers do (an earlier test may leave more)."""
     out = str(tmp_path / "ddp.pt")
     mp.start_processes(_worker, args=(_free_port(), out), nprocs=2, join=True, start_method="fork")
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
