@@ -17,7 +17,17 @@ from typing import Any
 import torch
 
 from benchmarks.dataset import describe_data, prepare_data
-from benchmarks.harness import Options, Skip, first_line, free_memory, log, require, skipped, sync
+from benchmarks.harness import (
+    Options,
+    Skip,
+    against_baseline,
+    first_line,
+    free_memory,
+    log,
+    require,
+    skipped,
+    sync,
+)
 from benchmarks.hw import HwMonitor
 from benchmarks.loaders import LoaderRow, find_row, formats_for, loader_schedule, why_not
 from benchmarks.projection import best
@@ -185,10 +195,7 @@ def section_e2e(
                 traceback.print_exc()
                 rows.append(skipped(name, first_line(e), status="failed"))
             free_memory(device)
-    base = next((r for r in rows if r["name"] == "torchvision" and r["status"] == "ok"), None)
-    for r in rows:
-        if base is not None and r["status"] == "ok" and r.get("samples_s") and base.get("samples_s"):
-            r["speedup"] = r["samples_s"] / base["samples_s"]
+    against_baseline(rows)
     notes = [
         f"{describe_data(root)}; steady state after the first steps; data stall = host time waiting for "
         f"the next batch / wall; {opts.e2e_steps} steps of {opts.batch} (torchvision: at least two rounds "

@@ -29,6 +29,14 @@ def skipped(name: str, reason: str, status: str = "skipped") -> dict[str, Any]:
     return {"name": name, "status": status, "reason": reason}
 
 
+def against_baseline(rows: list[dict[str, Any]], baseline: str = "torchvision") -> None:
+    """Each measured row's `speedup`: its samples/s over the baseline row's (when that one ran)."""
+    base = next((r for r in rows if r["name"] == baseline and r["status"] == "ok"), None)
+    for r in rows:
+        if base is not None and r["status"] == "ok" and r.get("samples_s") and base.get("samples_s"):
+            r["speedup"] = r["samples_s"] / base["samples_s"]
+
+
 def log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 

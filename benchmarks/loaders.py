@@ -20,6 +20,7 @@ from benchmarks.dataset import describe_data, prepare_data
 from benchmarks.harness import (
     Options,
     Skip,
+    against_baseline,
     device_events,
     first_line,
     free_memory,
@@ -278,10 +279,7 @@ def section_loaders(opts: Options, device: torch.device) -> dict[str, Any]:
             traceback.print_exc()
             rows.append(skipped(name, first_line(e), status="failed"))
         free_memory(device)
-    base = next((r for r in rows if r["name"] == "torchvision" and r["status"] == "ok"), None)
-    for r in rows:
-        if base is not None and r["status"] == "ok":
-            r["speedup"] = r["samples_s"] / base["samples_s"]
+    against_baseline(rows)
     notes = [
         f"{describe_data(root)}, {opts.loader_workers} worker(s), batch {opts.batch}, {opts.res} px views; "
         "speed-up vs torchvision",
