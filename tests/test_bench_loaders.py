@@ -164,3 +164,18 @@ def test_only_an_unfinished_set_of_its_own_is_made_again(tmp_path: Path) -> None
     stamp = {p: p.stat().st_mtime_ns for p in src.rglob("*.JPEG")}
     dataset.make_source(src, Options(images=40, loader_workers=1))  # finished: kept as it is
     assert {p: p.stat().st_mtime_ns for p in src.rglob("*.JPEG")} == stamp
+
+
+def test_against_baseline_divides_by_the_torchvision_row_only_when_it_ran() -> None:
+    from benchmarks.harness import against_baseline
+
+    rows = [
+        {"name": "torchvision", "status": "ok", "samples_s": 50.0},
+        {"name": "cache", "status": "ok", "samples_s": 400.0},
+        {"name": "ffcv", "status": "skipped"},
+    ]
+    against_baseline(rows)
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] == 8.0 and "speedup" not in rows[2]
+    lone = [{"name": "torchvision", "status": "failed"}, {"name": "cache", "status": "ok", "samples_s": 4.0}]
+    against_baseline(lone)
+    assert all("speedup" not in r for r in lone)
